@@ -1,0 +1,3 @@
+from nas_minitron.cli import main
+
+raise SystemExit(main())

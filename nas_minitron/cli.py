@@ -1,0 +1,52 @@
+"""`nas-minitron` command line: argument parsing only; each subcommand lives in `nas_minitron/commands/`.
+
+A `UserError` anywhere below becomes one line on stderr and exit code 2 (argparse's own code for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from nas_minitron.errors import UserError
+
+# (subcommand, module under nas_minitron.commands). Each module defines `register(subparsers)`, which adds its
+# parser and sets `func` to a handler taking the parsed args and returning an exit code.
+_COMMANDS: tuple[tuple[str, str], ...] = (
+    ("prune", "prune"),
+    ("inspect", "inspect"),
+)
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nas-minitron",
+        description=(
+            "Prune a Hugging Face LLM by activation importance, distill it, and search for the best student at a "
+            "parameter budget (Minitron-style)."
+        ),
+    )
+    from nas_minitron import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for _name, module in _COMMANDS:
+        importlib.import_module(f"nas_minitron.commands.{module}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"nas-minitron {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"nas-minitron {args.command}: interrupted", file=sys.stderr)
+        return 130

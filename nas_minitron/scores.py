@@ -1,0 +1,81 @@
+"""`ImportanceScores`: one score per prunable unit, higher = more important, from any criterion.
+
+Activation importance (importance.py), weight magnitude and seeded random (baselines.py) all produce this record,
+so one selection routine (keep.py) turns any of them into keep indices. Saved as safetensors + JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas_minitron.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FORMAT_VERSION", "ImportanceScores"]
+
+FORMAT_VERSION = 1
+_TENSORS_FILE = "scores.safetensors"
+_META_FILE = "scores.json"
+
+
+@dataclass(frozen=True)
+class ImportanceScores:
+    """Per-unit scores of a teacher (higher = keep first).
+
+    heads:    [num_layers, num_attention_heads]
+    neurons:  [num_layers, intermediate_size]
+    channels: [hidden_size]
+    layers:   {method: [num_layers]}, e.g. "block_importance", "loss_drop" (higher = more important)
+    windows:  {k: [num_layers - k + 1]} LM loss with layers i..i+k-1 removed (lower = safer to remove)
+    meta:     criterion, teacher, data, aggregations, token count, format version
+    """
+
+    heads: torch.Tensor
+    neurons: torch.Tensor
+    channels: torch.Tensor
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def criterion(self) -> str:
+        return str(self.meta.get("criterion", "unknown"))
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write `scores.safetensors` and `scores.json` into an existing directory."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        tensors = {"heads": self.heads, "neurons": self.neurons, "channels": self.channels}
+        tensors.update({f"layers.{name}": value for name, value in self.layers.items()})
+        tensors.update({f"windows.{k}": value for k, value in self.windows.items()})
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(out / _TENSORS_FILE))
+        meta = dict(self.meta, format_version=FORMAT_VERSION)
+        (out / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> ImportanceScores:
+        from safetensors.torch import load_file
+
+        src = Path(directory)
+        if not (src / _TENSORS_FILE).is_file() or not (src / _META_FILE).is_file():
+            raise UserError(
+                f"{str(src)!r} is not an importance directory: expected {_TENSORS_FILE} and {_META_FILE} "
+                f"(written by `nas-minitron importance`)."
+            )
+        meta = json.loads((src / _META_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"importance directory {str(src)!r} has format_version={meta.get('format_version')!r}; "
+                f"this nas-minitron reads format_version={FORMAT_VERSION}. Recompute it."
+            )
+        tensors = load_file(str(src / _TENSORS_FILE))
+        layers = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")}
+        windows = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("windows.")}
+        return cls(tensors["heads"], tensors["neurons"], tensors["channels"], layers, windows, meta)
