@@ -1,0 +1,104 @@
+"""`nas-minitron search`: the whole pipeline, from a teacher and a budget to distilled, evaluated winners."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+# flag -> SearchSettings field, with its type; help text comes from the field's docstring in run_config.py
+_FLAGS: dict[str, tuple[str, type]] = {
+    "--budget": ("budget", str),
+    "--teacher": ("teacher", str),
+    "--data": ("data", str),
+    "--space": ("space", str),
+    "--tolerance": ("tolerance", float),
+    "--max-candidates": ("max_candidates", int),
+    "--trials": ("trials", int),
+    "--short-tokens": ("short_tokens", int),
+    "--winners": ("winners", int),
+    "--full-tokens": ("full_tokens", int),
+    "--objectives": ("objectives", str),
+    "--seq-len": ("seq_len", int),
+    "--batch-size": ("batch_size", int),
+    "--lr": ("lr", float),
+    "--calibration-samples": ("calibration_samples", int),
+    "--validation-sequences": ("validation_sequences", int),
+    "--topk": ("topk", int),
+    "--eval-tasks": ("eval_tasks", str),
+    "--eval-limit": ("eval_limit", int),
+    "--sampler": ("sampler", str),
+    "--gpus-per-trial": ("gpus_per_trial", float),
+    "--cpus-per-trial": ("cpus_per_trial", int),
+    "--max-concurrent": ("max_concurrent", int),
+    "--ray-address": ("ray_address", str),
+    "--storage": ("storage", str),
+    "--seed": ("seed", int),
+    "--cache-dir": ("cache_dir", str),
+    "--device": ("device", str),
+}
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each SearchSettings field (read from the source, as litgpt does for its CLI)."""
+    import ast
+    import inspect
+
+    from nas_minitron import run_config
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(run_config.SearchSettings))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docs[node.target.id] = str(following.value.value)  # type: ignore[attr-defined,union-attr]
+    return docs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from nas_minitron.run_config import SearchSettings
+
+    parser = subparsers.add_parser(
+        "search",
+        help="search for the best pruned + distilled student at a parameter budget",
+        description=(
+            "Importance → candidates near the budget → short distillation of Optuna-proposed candidates as Ray Tune "
+            "trials → winners fully distilled → lm-eval → HTML report, all in --run-dir. With no --teacher it runs "
+            "the embedded default (smollm2-135m + builtin data) with CPU-sized defaults (~15 min on 2 cores). "
+            "Flags override --config YAML; the resolved settings are saved in the run directory."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = SearchSettings()
+    docs = _field_docs()
+    for flag, (field, kind) in _FLAGS.items():
+        default = getattr(defaults, field)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{docs.get(field, '')} (default: {shown})")
+    parser.add_argument("--asha", dest="asha", action="store_const", const=True, default=None,
+                        help=docs.get("asha", ""))
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<teacher>-<budget>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir, skipping done stages")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nas_minitron.pipeline import run_search
+    from nas_minitron.run_config import SearchSettings, resolve_settings
+
+    fields = [f.name for f in dataclasses.fields(SearchSettings)]
+    overrides = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    settings = resolve_settings(args.config, overrides)
+    run_dir = args.run_dir or Path("runs") / f"{Path(settings.teacher).name}-{settings.budget}"
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    report = run_search(settings, run_dir, args.resume, log)
+    print(f"report: {report}")
+    sys.stdout.flush()
+    return 0

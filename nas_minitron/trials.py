@@ -1,0 +1,258 @@
+"""Ray Tune trials with Optuna proposals: the only module that imports ray and optuna.
+
+Each Ray trial prunes one candidate and distills it briefly (`candidate_run.run_candidate`); Optuna, inside Ray
+Tune through `OptunaSearch`, proposes candidates from a define-by-run space that only yields in-budget ones
+(`proposals.py`). The Optuna study lives in real storage (SQLite in the run directory by default), one Optuna trial
+per Ray trial.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nas_minitron.arch import ArchConfig
+from nas_minitron.candidate_run import FAILED_KEY
+from nas_minitron.errors import UserError
+from nas_minitron.proposals import AXES, decode, encode, param_name
+
+__all__ = ["RayOptions", "TrialSpec", "connect_ray", "run_trials", "study_storage_url", "FAILED_KEY"]
+
+STUDY_NAME = "nas-minitron"
+EXPERIMENT_NAME = "trials"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs, by path: shared by all trials, never recomputed in them."""
+
+    run_dir: str
+    teacher_dir: str
+    importance_dir: str
+    train_path: str
+    val_path: str
+    logit_cache_dir: str | None
+    candidates: tuple[str, ...]
+    head_dim: int
+    distill: dict[str, Any]
+    objectives: tuple[str, ...] = ("val_kl",)
+    depth_method: str = "auto"
+    rescale_norms: bool = True
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start a local cluster bound to loopback
+    num_cpus: int | None = None
+    dashboard: bool = True
+    max_concurrent: int = 1
+    max_failures: int = 2
+    sampler: str = "auto"  # auto | tpe | nsga2 | random
+    asha: bool = False
+    seed: int = 0
+    storage_url: str | None = None
+
+
+def study_storage_url(run_dir: str | os.PathLike[str], storage_url: str | None) -> str:
+    return storage_url or f"sqlite:///{Path(run_dir).resolve() / 'optuna.db'}"
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment variables the trial workers must see (read at import time by HF libraries)."""
+    keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "NAS_MINITRON_CACHE",
+            "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "PYTHONPATH")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def connect_ray(options: RayOptions) -> str | None:
+    """Start (or join) Ray; returns the dashboard URL when there is one. Local clusters bind to loopback only."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return None
+    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": _worker_env()}, log_to_driver=False)
+    if options.address:
+        try:
+            context = ray.init(address=options.address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise UserError(f"cannot reach the Ray cluster at --ray-address {options.address!r}: {err}") from None
+    else:
+        temp_dir = Path(tempfile.gettempdir()) / f"nasm-ray-{os.getuid()}"  # short: unix socket path limit
+        context = ray.init(
+            num_cpus=options.num_cpus,
+            include_dashboard=options.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=str(temp_dir),
+            **kwargs,
+        )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _check_resources(spec: TrialSpec) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    if spec.cpus_per_trial > total.get("CPU", 0):
+        raise UserError(f"--cpus-per-trial {spec.cpus_per_trial} but the Ray cluster has {total.get('CPU', 0):g} CPUs.")
+    if spec.gpus_per_trial > total.get("GPU", 0):
+        raise UserError(
+            f"--gpus-per-trial {spec.gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs."
+        )
+
+
+def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
+    """One Ray trial: prune and briefly distill the candidate the config names; report as it goes."""
+    from ray import tune
+
+    from nas_minitron.candidate_run import run_candidate
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    resume = tune.get_checkpoint()
+    if resume is None:
+        run_candidate(config["arch"], spec, report, None)
+        return
+    with resume.as_directory() as resume_dir:
+        run_candidate(config["arch"], spec, report, Path(resume_dir))
+
+
+def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str]):  # type: ignore[no-untyped-def]
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch that tells Optuna FAIL (not COMPLETE) for errored and NaN trials."""
+
+        def suggest(self, trial_id: str) -> dict | None:
+            config = super().suggest(trial_id)
+            if trial_id in self._ot_trials:  # lets the run directory match Optuna trials to Ray trials
+                self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            return config
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if error or (result is not None and result.get(FAILED_KEY)):
+                result, error = None, True
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    archs = [ArchConfig.parse(name, spec.head_dim) for name in spec.candidates]
+
+    def space(trial: optuna.Trial) -> dict[str, Any]:
+        for axis in AXES:
+            trial.suggest_float(param_name(axis), 0.0, 1.0)
+        chosen = decode(archs, trial.params)
+        return {"arch": chosen.name}
+
+    objectives = list(spec.objectives)
+    multi = len(objectives) > 1
+    sampler_name = options.sampler if options.sampler != "auto" else ("nsga2" if multi else "tpe")
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=options.seed, multivariate=True),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=options.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=options.seed),
+    }
+    if sampler_name not in samplers:
+        raise UserError(f"sampler {sampler_name!r} is not one of {', '.join(samplers)}.")
+    storage = optuna.storages.RDBStorage(study_storage_url(spec.run_dir, options.storage_url))
+    points = [encode(archs, ArchConfig.parse(name, spec.head_dim)) for name in enqueue]
+    return StudySearch(
+        space=space,
+        metric=objectives if multi else objectives[0],
+        mode=["min"] * len(objectives) if multi else "min",
+        sampler=samplers[sampler_name](),
+        storage=storage,
+        study_name=STUDY_NAME,
+        points_to_evaluate=points or None,
+        seed=options.seed,
+    )
+
+
+def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: Sequence[str], resume: bool) -> Any:
+    """Run (or resume) the trials and return Ray's ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    _check_resources(spec)
+    storage_path = str(Path(spec.run_dir).resolve() / "ray")
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec=spec), {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+    )
+    experiment = os.path.join(storage_path, EXPERIMENT_NAME)
+    if resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tuner.fit()
+    scheduler = None
+    if options.asha and len(spec.objectives) == 1:
+        scheduler = ASHAScheduler(time_attr="num_tokens", max_t=int(spec.distill["num_tokens"]),
+                                  grace_period=max(1, int(spec.distill["num_tokens"]) // 4), reduction_factor=2)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=_search(spec, options, enqueue),
+            scheduler=scheduler,
+            num_samples=num_trials,
+            max_concurrent_trials=options.max_concurrent,
+            metric=None,
+            mode=None,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT_NAME,
+            storage_path=storage_path,
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def trial_rows(results: Any) -> list[dict[str, Any]]:
+    """One row per Ray trial (status, metrics at the end and at step 0) and the per-report curves."""
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        last = result.metrics or {}
+        config = result.config or {}
+        failed = bool(last.get(FAILED_KEY))
+        status = "FAILED" if (result.error is not None or failed) else "COMPLETE"
+        if status == "COMPLETE" and not last.get("final"):
+            status = "PRUNED"  # stopped early by the scheduler
+        first = frame.iloc[0].to_dict() if frame is not None and len(frame) else {}
+        rows.append(
+            {
+                "trial_id": last.get("trial_id") or Path(result.path).name,
+                "name": config.get("arch"),
+                "status": status,
+                "error": (str(result.error).splitlines()[0][:300] if result.error else last.get("error", "")),
+                "metrics": last,
+                "first": first,
+                "curve": frame.to_dict("records") if frame is not None else [],
+            }
+        )
+    return rows
+
+
+def optuna_numbers(storage_url: str) -> dict[str, int]:
+    """Ray trial id -> Optuna trial number, from the study in storage."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
+    except KeyError:
+        return {}
+    return {t.user_attrs["ray_trial_id"]: t.number for t in study.trials if "ray_trial_id" in t.user_attrs}
