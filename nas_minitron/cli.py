@@ -18,6 +18,7 @@ from nas_minitron.errors import UserError
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("prune", "prune"),
     ("inspect", "inspect"),
+    ("candidates", "candidates"),
 )
 
 EXIT_USER_ERROR = 2
