@@ -210,59 +210,69 @@ class _Scan(NamedTuple):
 
 def _scan(space: SearchSpace, teacher: _Teacher, budget_params: int, tolerance: float,
           fixed: Mapping[str, Sequence[int]] | None = None) -> _Scan:
-    """Walk the non-intermediate axes; solve the budget window for intermediate_size (params are linear in it)."""
+    """Walk (hidden, heads, KV) x layers; solve the budget window for intermediate_size.
+
+    Parameters are affine in the layer count and, per layer, in intermediate_size, so three exact counts per
+    width triple give every (layers, intermediate) count by arithmetic; records are built only in the window.
+    """
     values = axis_values(space, teacher.arch)
     values.update({name: [v for v in allowed if v in values[name]] for name, allowed in (fixed or {}).items()})
     lo, hi = budget_window(budget_params, tolerance)
-    inter = values["intermediate_size"]
+    inter, layer_counts = values["intermediate_size"], values["num_hidden_layers"]
     found: list[Candidate] = []
-    outside: list[tuple[int, ArchConfig]] = []
+    outside: list[tuple[int, tuple[int, ...]]] = []
     smallest: Candidate | None = None
     num_outer = num_counted = 0
-    for base in _outer_archs(values, teacher, space.constraints):
-        num_outer += 1
-        p0 = count_params(base, teacher.inv)
-        slope = count_params(dataclasses.replace(base, intermediate_size=inter[0] + 1), teacher.inv) - p0
-        # params(I) = p0 + slope * (I - inter[0]); the in-window I form one run [first, stop) of the sorted list.
-        first = bisect.bisect_left(inter, inter[0] - ((p0 - lo) // slope))
-        stop = bisect.bisect_right(inter, inter[0] + (hi - p0) // slope)
-        low = _candidate(base, teacher, space, budget_params)
-        if low is not None and (smallest is None or low.params < smallest.params):
-            smallest = low
-        for index in range(first, stop):
-            num_counted += 1
-            arch = dataclasses.replace(base, intermediate_size=inter[index])
-            candidate = _candidate(arch, teacher, space, budget_params)
-            assert candidate is None or candidate.params == p0 + slope * (inter[index] - inter[0])
-            if candidate is not None:
-                found.append(candidate)
-        for index in (first - 1, stop):
-            if 0 <= index < len(inter):
-                arch = dataclasses.replace(base, intermediate_size=inter[index])
-                outside.append((abs(p0 + slope * (inter[index] - inter[0]) - budget_params), arch))
-    nearest = [c for _, arch in heapq.nsmallest(4 * _NUM_NEAREST, outside)
-               if (c := _candidate(arch, teacher, space, budget_params)) is not None][:_NUM_NEAREST]
+    kv_limit = space.constraints.max_kv_bytes_per_token
+    for probe in _width_probes(values, teacher):  # layers 1, intermediate inter[0]
+        one = count_params(probe, teacher.inv)
+        per_layer = count_params(dataclasses.replace(probe, num_hidden_layers=2), teacher.inv) - one
+        per_unit = count_params(dataclasses.replace(probe, intermediate_size=inter[0] + 1), teacher.inv) - one
+        hidden, heads, kv = probe.hidden_size, probe.num_attention_heads, probe.num_key_value_heads
+        for layers in layer_counts:
+            if kv_limit is not None and 2 * layers * kv * probe.head_dim * BF16_BYTES > kv_limit:
+                continue  # independent of intermediate_size
+            num_outer += 1
+            p0 = one + (layers - 1) * per_layer  # params at inter[0]
+            slope = layers * per_unit
+            # params(I) = p0 + slope * (I - inter[0]); the in-window I form one run [first, stop) of the list.
+            first = bisect.bisect_left(inter, inter[0] - ((p0 - lo) // slope))
+            stop = bisect.bisect_right(inter, inter[0] + (hi - p0) // slope)
+            shape = (layers, hidden, 0, heads, kv, probe.head_dim)
+            if smallest is None or p0 < smallest.params:
+                smallest = _candidate(ArchConfig(*_with(shape, inter[0])), teacher, space, budget_params) or smallest
+            for index in range(first, stop):
+                num_counted += 1
+                candidate = _candidate(ArchConfig(*_with(shape, inter[index])), teacher, space, budget_params)
+                assert candidate is None or candidate.params == p0 + slope * (inter[index] - inter[0])
+                if candidate is not None:
+                    found.append(candidate)
+            outside += [(abs(p0 + slope * (inter[i] - inter[0]) - budget_params), _with(shape, inter[i]))
+                        for i in (first - 1, stop) if 0 <= i < len(inter)]
+    nearest = [c for _, shape in heapq.nsmallest(4 * _NUM_NEAREST, outside)
+               if (c := _candidate(ArchConfig(*shape), teacher, space, budget_params)) is not None][:_NUM_NEAREST]
     return _Scan(found, smallest, nearest, num_outer, num_counted)
 
 
-def _outer_archs(values: Mapping[str, list[int]], teacher: _Teacher, constraints: Constraints):  # noqa: ANN202
-    """Allowed (layers, hidden, heads, KV) combinations, at the smallest intermediate size."""
-    inter_min = values["intermediate_size"][0] if values["intermediate_size"] else None
-    if inter_min is None:
-        return
-    for layers in values["num_hidden_layers"]:
-        for hidden in values["hidden_size"]:
-            for heads in values["num_attention_heads"]:
-                for kv in values["num_key_value_heads"]:
-                    if heads % kv:
-                        continue  # GQA: every KV head serves the same number of query heads
-                    arch = ArchConfig(layers, hidden, inter_min, heads, kv, teacher.arch.head_dim)
-                    if prune_problems(arch, teacher.arch) or teacher.family.loadable_problem(arch):
-                        continue
-                    limit = constraints.max_kv_bytes_per_token
-                    if limit is not None and kv_bytes_per_token(arch) > limit:
-                        continue  # independent of intermediate_size
-                    yield arch
+def _with(shape: tuple[int, ...], intermediate_size: int) -> tuple[int, ...]:
+    return shape[:2] + (intermediate_size,) + shape[3:]
+
+
+def _width_probes(values: Mapping[str, list[int]], teacher: _Teacher) -> list[ArchConfig]:
+    """One 1-layer probe per allowed (hidden, heads, KV): GQA-divisible, prunable, loadable by transformers."""
+    if not values["intermediate_size"] or not values["num_hidden_layers"]:
+        return []
+    t = teacher.arch
+    head_pairs = [
+        (heads, kv) for heads in values["num_attention_heads"] for kv in values["num_key_value_heads"]
+        if heads % kv == 0  # GQA: every KV head serves the same number of query heads
+        and not prune_problems(ArchConfig(t.num_hidden_layers, t.hidden_size, t.intermediate_size, heads, kv,
+                                          t.head_dim), t)
+    ]
+    probes = [ArchConfig(1, hidden, values["intermediate_size"][0], heads, kv, t.head_dim)
+              for hidden in values["hidden_size"] for heads, kv in head_pairs]
+    # Loadability depends on width alone; every axis value is at most the teacher's (axis_values).
+    return [probe for probe in probes if teacher.family.loadable_problem(probe) is None]
 
 
 def _candidate(arch: ArchConfig, teacher: _Teacher, space: SearchSpace, budget_params: int) -> Candidate | None:

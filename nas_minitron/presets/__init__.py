@@ -46,18 +46,19 @@ def resolve_teacher_config(
     elif spec.endswith(".json") or Path(spec).expanduser().is_file() and not spec.endswith(".gguf"):
         config = _read_config_file(Path(spec).expanduser(), trust_remote_code)
     else:
-        from nas_minitron.teacher import load_teacher_config
+        from nas_minitron.teacher import load_teacher_config, resolve_teacher_dir
 
+        resolve_teacher_dir(spec, cache_dir)  # a missing teacher fails before transformers is imported
         return load_teacher_config(spec, cache_dir, trust_remote_code)
     get_family(str(config.get("model_type")))
     return config
 
 
 def _read_config_file(path: Path, trust_remote_code: bool) -> dict[str, Any]:
-    from transformers import AutoConfig
-
     if not path.is_file():
         raise UserError(f"teacher config file {str(path)!r} does not exist.")
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
