@@ -117,7 +117,11 @@ def _teacher(config: Mapping[str, Any]) -> _Teacher:
 # ---- per-token metrics -------------------------------------------------------------------------------------
 def kv_bytes_per_token(arch: ArchConfig) -> int:
     """bf16 KV-cache bytes one token occupies: K and V, every layer and KV head."""
-    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * BF16_BYTES
+    return _kv_bytes(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim)
+
+
+def _kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * BF16_BYTES
 
 
 def flops_per_token(arch: ArchConfig, inv: Invariants, seq_len: int = DEFAULT_SEQ_LEN) -> int:
@@ -230,7 +234,7 @@ def _scan(space: SearchSpace, teacher: _Teacher, budget_params: int, tolerance: 
         per_unit = count_params(dataclasses.replace(probe, intermediate_size=inter[0] + 1), teacher.inv) - one
         hidden, heads, kv = probe.hidden_size, probe.num_attention_heads, probe.num_key_value_heads
         for layers in layer_counts:
-            if kv_limit is not None and 2 * layers * kv * probe.head_dim * BF16_BYTES > kv_limit:
+            if kv_limit is not None and _kv_bytes(layers, kv, probe.head_dim) > kv_limit:
                 continue  # independent of intermediate_size
             num_outer += 1
             p0 = one + (layers - 1) * per_layer  # params at inter[0]
@@ -312,6 +316,8 @@ def enumerate_candidates(
     teacher = _teacher(teacher_config)
     _check_budget(budget_params, teacher)
     tolerance = space.tolerance if tolerance is None else _check_tolerance(tolerance)
+    if max_count is not None and max_count < 1:
+        raise UserError(f"max_count must be a positive number of candidates, but got {max_count!r}.")
     scan = _scan(space, teacher, budget_params, tolerance)
     if not scan.candidates:
         raise UserError(_empty_message(scan, space, budget_params, tolerance))
@@ -333,6 +339,7 @@ def _empty_message(scan: _Scan, space: SearchSpace, budget_params: int, toleranc
         return (f"budget {budget_params:,} is below the smallest candidate of {where}: {smallest.name} with "
                 f"{smallest.params:,} parameters; raise the budget or widen the space.")
     nearest = ", ".join(f"{c.name} ({c.params:,}, {c.distance_params / budget_params:+.1%})" for c in scan.nearest)
+    nearest = nearest or "none next to the budget meets the constraints"
     return (f"no candidate of {where} lies within ±{tolerance:.1%} of the budget {budget_params:,}; nearest: "
             f"{nearest}; raise --tolerance or use a finer space.")
 

@@ -160,6 +160,18 @@ def test_enumeration_equals_brute_force_on_tiny(fraction: float) -> None:
         assert got == expected
 
 
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_enumeration_equals_brute_force_for_other_families(model_type: str) -> None:
+    config = {**load_preset("tiny"), "model_type": model_type, "tie_word_embeddings": model_type != "mistral"}
+    family = get_family(model_type)
+    params = count_params(family.arch_from_config(config), family.invariants_from_config(config))
+    space = default_space(config)
+    candidates = enumerate_candidates(space, config, params // 2)
+    assert {c.name for c in candidates} == _brute_force(space, config, params // 2)
+    # these families load any hidden size: shapes a Llama config would refuse are candidates here
+    assert any(c.arch.hidden_size % c.arch.num_attention_heads for c in candidates)
+
+
 def test_enumeration_equals_brute_force_on_smollm2_space() -> None:
     config, _, _ = _teacher("smollm2-135m")
     space = dataclasses.replace(load_space("smollm2-135m", config), num_hidden_layers=Axis(values=(12, 20, 29)))
