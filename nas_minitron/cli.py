@@ -19,6 +19,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("prune", "prune"),
     ("inspect", "inspect"),
     ("search", "search"),
+    ("candidates", "candidates"),
 )
 
 EXIT_USER_ERROR = 2
