@@ -17,6 +17,7 @@ from nas_minitron.errors import UserError
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("prune", "prune"),
     ("inspect", "inspect"),
+    ("importance", "importance"),
 )
 
 EXIT_USER_ERROR = 2
