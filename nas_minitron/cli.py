@@ -20,6 +20,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("inspect", "inspect"),
     ("search", "search"),
     ("candidates", "candidates"),
+    ("importance", "importance"),
 )
 
 EXIT_USER_ERROR = 2

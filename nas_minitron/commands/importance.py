@@ -1,0 +1,143 @@
+"""`nas-minitron importance`: score a teacher's heads, neurons, channels and layers on calibration data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from nas_minitron.errors import UserError
+
+__all__ = ["register"]
+
+
+def _window_sizes(text: str) -> list[int]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        return sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, but got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "importance",
+        help="rank a teacher's heads, neurons, embedding channels and layers by activation importance",
+        description=(
+            "Run the teacher over --num-samples calibration sequences of --seq-len tokens and save per-unit "
+            "importance (Minitron) to --out as scores.safetensors + scores.json; `nas-minitron prune --importance "
+            "DIR` consumes it. A rerun with the same inputs reuses the saved scores."
+        ),
+    )
+    parser.add_argument("--teacher", required=True,
+                        help="local HF model directory, .gguf file, hub id (org/name), or 'smollm2-135m'")
+    parser.add_argument("--data", default="builtin",
+                        help="'builtin', a .txt/.jsonl/.json/.parquet file or folder, or "
+                             "hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] (default: builtin)")
+    parser.add_argument("--text-column", default="text", help="text field of json/parquet rows (default: text)")
+    parser.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (default: 1024)")
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="document order seed (default: 0)")
+    parser.add_argument("--batch-agg", default="l2", help="across sequences: l2 or mean (default: l2)")
+    parser.add_argument("--seq-agg", default="mean", help="over a sequence's tokens: mean or l2 (default: mean)")
+    parser.add_argument("--no-layer-metrics", dest="layer_metrics", action="store_false",
+                        help="width scores only: no block importance, no layer-removal losses")
+    parser.add_argument("--no-layer-loss", dest="layer_loss", action="store_false",
+                        help="skip the layer-removal LM losses (loss_drop, windows), the expensive depth metrics")
+    parser.add_argument("--window-sizes", type=_window_sizes, default=[1, 2, 4, 8],
+                        help="k values: LM loss with each window of k contiguous layers removed (default: 1,2,4,8;"
+                             " sizes >= the layer count are dropped)")
+    parser.add_argument("--loss-samples", type=int, default=64,
+                        help="sequences used for the layer-removal losses (default: 64)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA (bf16 autocast) when available, else CPU float32")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="recompute and replace --out")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where converted GGUF teachers are cached (default: $NAS_MINITRON_CACHE or "
+                             "~/.cache/nas-minitron)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the teacher's repo")
+    parser.set_defaults(func=run)
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto.")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    from nas_minitron.importance import check_aggregations
+
+    check_aggregations(args.batch_agg, args.seq_agg)
+    for flag, value in (("--num-samples", args.num_samples), ("--seq-len", args.seq_len),
+                        ("--batch-size", args.batch_size), ("--loss-samples", args.loss_samples)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, but got {value}.")
+    if args.seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (one next-token prediction), but got {args.seq_len}.")
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and args.seq_len > max_positions:
+        raise UserError(f"--seq-len {args.seq_len} is above the teacher's max_position_embeddings={max_positions}.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nas_minitron.atomic import atomic_directory
+    from nas_minitron.data import data_fingerprint, take_sequences
+    from nas_minitron.importance import compute_importance, reusable_scores, weights_fingerprint
+    from nas_minitron.teacher import load_teacher, load_teacher_config
+
+    config = load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code)
+    _check_args(args, config)
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"output path {str(args.out)!r} exists and is not a directory.")
+    device = _device(args.device)
+    model, tokenizer = load_teacher(args.teacher, args.cache_dir, device=device,
+                                    trust_remote_code=args.trust_remote_code)
+    num_layers = int(config["num_hidden_layers"])
+    windows = [k for k in args.window_sizes if k < num_layers] if args.layer_metrics and args.layer_loss else []
+    layer_loss = args.layer_metrics and args.layer_loss
+    expected = {
+        "teacher_arch": None,  # filled below from the live model
+        "weights_fingerprint": weights_fingerprint(model),
+        "data_fingerprint": data_fingerprint(args.data, tokenizer, "calibration", args.seq_len, args.num_samples,
+                                             args.seed, args.text_column),
+        "batch_agg": args.batch_agg,
+        "seq_agg": args.seq_agg,
+        "layer_metrics": args.layer_metrics,
+        "layer_loss": layer_loss,
+        "window_sizes": windows,
+        "loss_sequences": min(args.loss_samples, args.num_samples) if layer_loss else None,
+    }
+    from nas_minitron.materialize import teacher_arch
+
+    expected["teacher_arch"] = teacher_arch(model)[1].name
+    if args.out.exists() and not args.overwrite:
+        if reusable_scores(args.out, expected) is not None:
+            print(f"importance scores in {args.out} match these inputs; reusing them (--overwrite recomputes)")
+            return 0
+        raise UserError(f"output directory {str(args.out)!r} already exists; pass --overwrite to replace it.")
+    batches = take_sequences(args.data, tokenizer, "calibration", args.seq_len, args.num_samples, args.seed,
+                             args.text_column)  # [N, T]
+    scores = compute_importance(
+        model, batches, batch_size=args.batch_size, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
+        layer_metrics=args.layer_metrics, layer_loss=layer_loss, window_sizes=windows,
+        loss_sequences=args.loss_samples, progress=True,
+    )
+    import dataclasses
+
+    meta = dict(scores.meta, **expected, teacher=args.teacher, data=args.data, seed=args.seed, device=device,
+                compute_dtype="bfloat16" if device == "cuda" else "float32")
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        dataclasses.replace(scores, meta=meta).save(tmp)
+    rate = scores.meta["num_tokens"] / max(scores.meta["width_pass_s"], 1e-9)
+    print(f"importance of {meta['teacher_arch']} on {meta['num_tokens']:,} tokens ({rate:,.0f} tok/s) -> {args.out}")
+    sys.stdout.flush()
+    return 0
