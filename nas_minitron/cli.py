@@ -21,6 +21,8 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("search", "search"),
     ("candidates", "candidates"),
     ("importance", "importance"),
+    ("distill", "distill"),
+    ("correct-teacher", "correct_teacher"),
 )
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,154 @@
+"""`nas-minitron distill`: distill a teacher (or its logit cache) into a student directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from nas_minitron.commands.training_args import (
+    add_training_args,
+    config_from_args,
+    load_sequences,
+    progress,
+    resolve_device,
+)
+from nas_minitron.errors import UserError
+
+__all__ = ["check_same_tokenizer", "layer_map_from_pruning", "register"]
+
+PLAN_FILE = "pruning.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="distill a teacher into a (pruned) student",
+        description=(
+            "Train --student to match --teacher (forward KL on logits, optionally top-k sparse from a shared "
+            "--logit-cache, plus optional LM and intermediate-state losses) for --tokens tokens of --data's train "
+            "split; validate on its validation split; write the student to --out with distill.json."
+        ),
+    )
+    parser.add_argument("--teacher", help="teacher: HF directory, .gguf, hub id or 'smollm2-135m' "
+                                          "(optional with an existing --logit-cache)")
+    parser.add_argument("--student", type=Path, required=True,
+                        help="student HF directory, e.g. from `nas-minitron prune` (its pruning.json maps layers)")
+    parser.add_argument("--cache-dir", default=None, help="where converted GGUF teachers are cached")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the repositories")
+    parser.add_argument("--logit-cache", type=Path, default=None,
+                        help="teacher top-k logit cache: used if it exists, else built here over train+validation")
+    parser.add_argument("--topk", type=int, default=None,
+                        help="sparse KD on the teacher's top-k (default: 0 = full logits; 64 with --logit-cache)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default: 1)")
+    parser.add_argument("--lm-weight", type=float, default=0.0, help="weight of the student's LM loss (default: 0)")
+    parser.add_argument("--is-loss", choices=("none", "cosine", "mse"), default="none",
+                        help="intermediate-state loss between mapped layers (default: none)")
+    parser.add_argument("--is-alpha", type=float, default=None,
+                        help="fixed weight of the intermediate-state loss (default: automatic L_logits / L_is)")
+    add_training_args(parser, lr=1e-4)
+    parser.set_defaults(func=run)
+
+
+def check_same_tokenizer(teacher_tok: Any, student_tok: Any, teacher_vocab: int, student_vocab: int) -> None:
+    """UserError unless teacher and student share tokenizer and vocabulary size: KD compares logits id by id."""
+    from nas_minitron.logit_cache import tokenizer_fingerprint
+
+    if teacher_vocab != student_vocab:
+        raise UserError(f"teacher and student vocabularies differ: {teacher_vocab} vs {student_vocab} entries.")
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
+        raise UserError("teacher and student tokenizers differ (different token -> id maps); distillation needs "
+                        "the teacher's tokenizer in the student.")
+
+
+def layer_map_from_pruning(student_dir: Path) -> tuple[int, ...] | None:
+    """Kept teacher layers from a pruned student's pruning.json (student layer i <- teacher layer layers[i])."""
+    path = student_dir / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return tuple(int(i) for i in json.loads(path.read_text())["keep"]["layers"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read kept layers from {str(path)!r}: {err!r}") from None
+
+
+def _load_student(path: Path, device: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"--student {str(path)!r} is not a Hugging Face model directory (no config.json).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load student {str(path)!r}: {str(err).splitlines()[0]}") from None
+    return model.to(device), tokenizer
+
+
+def _teacher_and_cache(args: argparse.Namespace, student: Any, student_tok: Any, train: Any, val: Any,
+                       device: str, topk: int) -> tuple[Any, Any]:
+    """(teacher or None, cache or None). An existing cache means no teacher is loaded at all."""
+    from nas_minitron.logit_cache import LogitCache, build_logit_cache, tokenizer_fingerprint
+    from nas_minitron.teacher import load_teacher
+
+    if args.logit_cache is not None and (args.logit_cache / "manifest.json").is_file():
+        cache = LogitCache.open(args.logit_cache)
+        if cache.manifest.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(student_tok)):
+            raise UserError(f"logit cache {str(args.logit_cache)!r} was built with another tokenizer.")
+        return None, cache
+    if not args.teacher:
+        raise UserError("--teacher is required (unless --logit-cache names an existing cache).")
+    teacher, teacher_tok = load_teacher(args.teacher, args.cache_dir, device=device,
+                                        trust_remote_code=args.trust_remote_code)
+    check_same_tokenizer(teacher_tok, student_tok, teacher.config.vocab_size, student.config.vocab_size)
+    if args.logit_cache is None:
+        return teacher, None
+    import torch
+
+    both = torch.cat([train, val])  # [N + V, T]: validation KL comes from the cache too
+    cache = build_logit_cache(teacher, both, args.logit_cache, topk, args.batch_size, tokenizer=teacher_tok)
+    return None, cache
+
+
+def run(args: argparse.Namespace) -> int:
+    from nas_minitron.atomic import atomic_directory, check_output_dir
+    from nas_minitron.distill import NonFiniteLossError, distill
+
+    check_output_dir(args.out, args.overwrite)
+    device, dtype = resolve_device(args)
+    topk = args.topk if args.topk is not None else (64 if args.logit_cache else 0)
+    config = config_from_args(args, dtype, topk=topk, temperature=args.temperature, lm_weight=args.lm_weight,
+                              is_loss=args.is_loss, is_alpha=args.is_alpha)
+    student, tokenizer = _load_student(args.student, device, args.trust_remote_code)
+    train, val = load_sequences(args, tokenizer)
+    teacher, cache = _teacher_and_cache(args, student, tokenizer, train, val, device, topk)
+    ckpt = args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt")
+    on_step, close = progress(config.num_tokens, "distill")
+    try:
+        result = distill(student, train, val, config, teacher=teacher, logit_cache=cache, checkpoint_dir=ckpt,
+                         resume=args.resume, on_step=on_step,
+                         layer_map=layer_map_from_pruning(args.student) if args.is_loss != "none" else None)
+    except NonFiniteLossError as err:
+        raise UserError(f"{err}; try a lower --lr or float32.") from None
+    finally:
+        close()
+    record = {"teacher": args.teacher, "student": str(args.student), "data": args.data,
+              "logit_cache": str(args.logit_cache) if args.logit_cache else None, "config": config.to_dict(),
+              **result.to_dict()}
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (args.student / PLAN_FILE).is_file():
+            shutil.copy2(args.student / PLAN_FILE, tmp / PLAN_FILE)
+        (tmp / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
+    if not args.keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    first = result.curve[0]
+    print(f"val_loss {first.val_loss:.4f} -> {result.val_loss:.4f}, val_kl {first.val_kl:.4f} -> "
+          f"{result.val_kl:.4f} after {result.num_tokens:,} tokens in {result.wall_s:.0f} s -> {args.out}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,95 @@
+"""What `distill` and `correct-teacher` share: training flags, data loading, progress bar, output writing."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas_minitron.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from nas_minitron.distill_config import DistillConfig, StepInfo
+
+__all__ = ["add_training_args", "config_from_args", "load_sequences", "progress", "resolve_device"]
+
+
+def add_training_args(parser: argparse.ArgumentParser, lr: float) -> None:
+    """--data, --tokens, --out and the optimisation flags."""
+    parser.add_argument("--data", default="builtin", help="'builtin', a local file/folder, or hf:NAME (default: builtin)")
+    parser.add_argument("--tokens", type=int, required=True, help="training budget in tokens")
+    parser.add_argument("--out", type=Path, required=True, help="output model directory (must not exist)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default: 4)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
+    parser.add_argument("--warmup-fraction", type=float, default=0.05, help="warmup share of steps (default: 0.05)")
+    parser.add_argument("--eval-every-tokens", type=int, default=0,
+                        help="validate and checkpoint every this many tokens (default: start and end only)")
+    parser.add_argument("--val-sequences", type=int, default=16, help="held-out validation sequences (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation (default: 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=("float32", "bf16"), default=None,
+                        help="float32, or bf16 autocast (default: bf16 on CUDA, float32 on CPU)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="where training checkpoints go (default: OUT.ckpt next to --out)")
+    parser.add_argument("--keep-last-k", type=int, default=2, help="checkpoints kept (default: 2)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints after success")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def resolve_device(args: argparse.Namespace) -> tuple[str, str]:
+    """(device, dtype): cuda when available, and bf16 there unless told otherwise."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device!r} but CUDA is not available; valid here: cpu.")
+    return device, args.dtype or ("bf16" if device.startswith("cuda") else "float32")
+
+
+def config_from_args(args: argparse.Namespace, dtype: str, **fields: Any) -> DistillConfig:
+    from nas_minitron.distill_config import DistillConfig
+
+    return DistillConfig(
+        num_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup_fraction=args.warmup_fraction, eval_every_tokens=args.eval_every_tokens,
+        num_val_sequences=args.val_sequences, seed=args.seed, dtype=dtype,
+        grad_checkpointing=args.grad_checkpointing, keep_last_k=args.keep_last_k, **fields,
+    )
+
+
+def load_sequences(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training sequences [N, T] covering --tokens once (fewer if the split is smaller: they repeat) and
+    validation sequences [V, T] from the held-out split."""
+    import torch
+
+    from nas_minitron.data import iter_sequences, take_sequences
+
+    needed = -(-args.tokens // args.seq_len)
+    rows = list(itertools.islice(iter_sequences(args.data, tokenizer, "train", args.seq_len, args.seed), needed))
+    if len(rows) < args.batch_size:
+        raise UserError(f"the train split of {args.data!r} holds {len(rows)} sequences of {args.seq_len} tokens, "
+                        f"fewer than one batch of {args.batch_size}; use more data or a smaller --batch-size.")
+    val = take_sequences(args.data, tokenizer, "validation", args.seq_len, args.val_sequences, args.seed)
+    return torch.stack(rows), val  # [N, T], [V, T]
+
+
+def progress(total_tokens: int, desc: str) -> tuple[Callable[[StepInfo], None], Callable[[], None]]:
+    """A tqdm bar on stderr (tokens/s, loss, ETA): (per-step callback, close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(info: StepInfo) -> None:
+        bar.update(info.num_tokens - bar.n)  # after a resume the first update jumps to the checkpoint's tokens
+        bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")
+
+    return on_step, bar.close

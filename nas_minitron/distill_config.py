@@ -1,0 +1,180 @@
+"""Records of a distillation run: its settings, its validation points, its result. Stdlib only; JSON, never pickle."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from nas_minitron.errors import UserError
+
+__all__ = ["DTYPES", "IS_LOSSES", "DistillConfig", "DistillResult", "EvalPoint", "NonFiniteLossError", "StepInfo"]
+
+DTYPES = ("float32", "bf16")
+IS_LOSSES = ("none", "cosine", "mse")
+# Fields that do not change the training trajectory; a resumed run may change them.
+_NOT_FINGERPRINTED = ("keep_last_k", "num_val_sequences", "eval_every_tokens")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or Inf loss: training stops at once; a search trial is marked failed, not retried."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"non-finite loss {loss} at step {step}; training stopped")
+        self.step = step
+        self.loss = loss
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of one distillation run. Steps consume batch_size * grad_accum * seq_len tokens per worker."""
+
+    num_tokens: int
+    """token budget of the whole run (all workers together)"""
+    seq_len: int = 256
+    """tokens per sequence"""
+    batch_size: int = 4
+    """sequences per micro-batch"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 1e-4
+    """peak AdamW learning rate"""
+    min_lr_ratio: float = 0.1
+    """the cosine schedule decays to lr * min_lr_ratio"""
+    warmup_fraction: float = 0.05
+    """linear warmup over this fraction of the steps (ignored when warmup_steps is set)"""
+    warmup_steps: int | None = None
+    """linear warmup over exactly this many steps"""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay on matrices (not on norms or biases)"""
+    clip_norm: float = 1.0
+    """global gradient-norm clip (0 = off)"""
+    temperature: float = 1.0
+    """KD softmax temperature; the KL is scaled by T^2"""
+    kd_weight: float = 1.0
+    """weight of KL(teacher || student) on logits"""
+    lm_weight: float = 0.0
+    """weight of the student's own next-token loss"""
+    is_loss: str = "none"
+    """intermediate-state loss between mapped layers: none, cosine or mse"""
+    is_alpha: float | None = None
+    """fixed weight of the intermediate-state loss; None = automatic L_logits / L_is (detached)"""
+    topk: int = 0
+    """sparse KD on the teacher's top-k log-probs plus a rest bucket (0 = full logits)"""
+    eval_every_tokens: int = 0
+    """validate (and checkpoint) every this many tokens; 0 = only at the start and the end"""
+    num_val_sequences: int = 16
+    """held-out sequences used for validation"""
+    seed: int = 0
+    """seeds torch, numpy and random at the start"""
+    dtype: str = "float32"
+    """float32, or bf16 autocast (the default on CUDA is the caller's choice)"""
+    grad_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    keep_last_k: int = 2
+    """checkpoints kept on disk"""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise UserError("invalid distillation settings: " + "; ".join(problems) + ".")
+
+    def problems(self) -> list[str]:
+        """Every invalid setting at once, each naming the value."""
+        out = []
+        for name in ("num_tokens", "seq_len", "batch_size", "grad_accum", "keep_last_k", "num_val_sequences"):
+            if int(getattr(self, name)) < 1:
+                out.append(f"{name} must be >= 1 but got {getattr(self, name)!r}")
+        for name in ("lr", "temperature"):
+            if not float(getattr(self, name)) > 0:
+                out.append(f"{name} must be > 0 but got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            out.append(f"warmup_fraction must be in [0, 1) but got {self.warmup_fraction!r}")
+        if self.dtype not in DTYPES:
+            out.append(f"dtype must be one of {DTYPES} but got {self.dtype!r}")
+        if self.is_loss not in IS_LOSSES:
+            out.append(f"is_loss must be one of {IS_LOSSES} but got {self.is_loss!r}")
+        if self.topk < 0 or self.eval_every_tokens < 0:
+            out.append(f"topk and eval_every_tokens must be >= 0 but got {self.topk!r}, {self.eval_every_tokens!r}")
+        if self.kd_weight < 0 or self.lm_weight < 0 or (self.kd_weight == 0 and self.lm_weight == 0):
+            out.append(f"need kd_weight >= 0, lm_weight >= 0, not both 0; got {self.kd_weight!r}, {self.lm_weight!r}")
+        return out
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings that shape the trajectory: a checkpoint resumes only under the same one."""
+        data = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One optimizer step, for progress bars."""
+
+    step: int
+    num_tokens: int
+    loss: float
+    lr: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One validation: held-out LM loss and KL to the teacher after `step` optimizer steps."""
+
+    step: int
+    num_tokens: int
+    val_loss: float
+    val_kl: float
+    train_loss: float  # mean training loss since the previous point (NaN at step 0)
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_float(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalPoint:
+        return cls(**{k: (math.nan if v is None else v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """A finished run: its validation curve (step 0 first) and final metrics."""
+
+    curve: tuple[EvalPoint, ...]
+    val_loss: float
+    val_kl: float
+    num_tokens: int
+    num_steps: int
+    wall_s: float
+    resumed_from_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_tokens": self.num_tokens,
+            "num_steps": self.num_steps,
+            "val_loss": _json_float(self.val_loss),
+            "val_kl": _json_float(self.val_kl),
+            "wall_s": self.wall_s,
+            "resumed_from_step": self.resumed_from_step,
+            "curve": [p.to_dict() for p in self.curve],
+        }
+
+
+def _json_float(value: Any) -> Any:
+    """JSON has no NaN: write null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
