@@ -17,6 +17,8 @@ from nas_minitron.errors import UserError
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("prune", "prune"),
     ("inspect", "inspect"),
+    ("eval", "evaluate"),
+    ("report", "report"),
 )
 
 EXIT_USER_ERROR = 2

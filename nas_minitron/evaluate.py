@@ -9,6 +9,7 @@ of them download their data from the Hugging Face hub).
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ __all__ = [
     "MINITRON_PRESET",
     "EvalResult",
     "evaluate_model",
+    "find_tasks",
     "eval_table",
     "load_model",
     "read_eval",
@@ -106,16 +108,25 @@ def _include_paths(include_path: str | os.PathLike[str] | None) -> list[str]:
     return paths
 
 
-def _task_manager(names: Sequence[str], include_path: str | os.PathLike[str] | None) -> tuple[Any, set[str]]:
-    """A TaskManager that knows every name in `names`, and the set of those found locally (offline-safe)."""
+@functools.lru_cache(maxsize=4)
+def _indexed(paths: tuple[str, ...], include_defaults: bool) -> Any:
+    """Cached: indexing lm-eval's built-in tasks takes seconds, and the CLI checks names before loading a model."""
     from lm_eval.tasks import TaskManager
 
-    paths = _include_paths(include_path)
-    local = TaskManager(include_path=paths, include_defaults=False)
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
+def find_tasks(names: Sequence[str], include_path: str | os.PathLike[str] | None = None) -> tuple[Any, set[str]]:
+    """A TaskManager that knows every name in `names`, and the subset found locally (offline-safe).
+
+    Unknown names raise a UserError suggesting close names from the task index.
+    """
+    paths = tuple(_include_paths(include_path))
+    local = _indexed(paths, False)
     local_names = set(local.task_index)
     if all(name in local_names for name in names):
         return local, set(names)
-    full = TaskManager(include_path=paths, include_defaults=True)
+    full = _indexed(paths, True)
     unknown = [name for name in names if name not in full.task_index]
     if unknown:
         hints = {name: difflib.get_close_matches(name, list(full.task_index), n=5, cutoff=0.6) for name in unknown}
@@ -168,7 +179,7 @@ def evaluate_model(
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, but got {batch_size}.")
     wanted = resolve_tasks(tasks, num_fewshot)
-    manager, local_names = _task_manager(list(wanted), include_path)
+    manager, local_names = find_tasks(list(wanted), include_path)
     path: str | None = None
     if isinstance(model_or_path, (str, os.PathLike)):
         path = str(model_or_path)

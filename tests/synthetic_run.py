@@ -135,7 +135,8 @@ def write_synthetic_run(run_dir: Path, teacher_dir: Path, *, upto: str = "report
     if "winners" not in done:
         return run_dir
 
-    complete = sorted((t for t in trials if t["status"] == "COMPLETE"), key=lambda t: t["val_loss"])[:2]
+    in_budget = [t for t in trials if t["status"] == "COMPLETE" and t["params"] <= config["budget_params"]]
+    complete = sorted(in_budget, key=lambda t: t["val_loss"])[:2]
     winner_rows, winners = [], []
     for rank, trial in enumerate(complete, start=1):
         arch = next(a for a in archs if a.name == trial["name"])

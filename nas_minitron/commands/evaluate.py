@@ -49,10 +49,18 @@ def _device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.evaluate import eval_table, evaluate_model, load_model, resolve_tasks, save_eval, wide_table
+    from nas_minitron.evaluate import (
+        eval_table,
+        evaluate_model,
+        find_tasks,
+        load_model,
+        resolve_tasks,
+        save_eval,
+        wide_table,
+    )
 
     device = _device(args.device)
-    resolve_tasks(args.tasks, args.num_fewshot)  # bad task syntax fails before the model loads
+    find_tasks(list(resolve_tasks(args.tasks, args.num_fewshot)), args.include_path)  # before loading the model
     model, tokenizer, label = load_model(args.model, device=device)
     result = evaluate_model(
         model,
