@@ -23,6 +23,8 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("importance", "importance"),
     ("distill", "distill"),
     ("correct-teacher", "correct_teacher"),
+    ("eval", "evaluate"),
+    ("report", "report"),
 )
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,95 @@
+"""`nas-minitron eval`: lm-eval scores (and optionally speed) of a model directory, saved into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from nas_minitron.evaluate import DEFAULT_TASKS, MINITRON_PRESET
+
+    preset = ", ".join(f"{task} {shots}-shot" for task, shots in MINITRON_PRESET.items())
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a model with lm-eval (and measure its speed)",
+        description=(
+            f"Score a model with lm-eval. --tasks takes task names or the preset 'minitron' ({preset}; these "
+            f"download from the Hugging Face hub). The bundled offline task is {DEFAULT_TASKS!r}."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model directory (save_pretrained) or 'smollm2-135m'")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"'minitron' or TASK,... (default {DEFAULT_TASKS})")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot count for every task")
+    parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    parser.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    parser.add_argument("--label", default=None, help="name in the results table (default: the directory name)")
+    parser.add_argument("--out", default=None, help="run directory to save eval/results.json, table.csv into")
+    parser.add_argument("--speed", action="store_true", help="also measure prefill/decode speed and memory")
+    parser.add_argument("--speed-batch-size", type=int, default=1, help="batch for --speed (default 1)")
+    parser.add_argument("--speed-seq-len", type=int, default=128, help="prompt length for --speed (default 128)")
+    parser.add_argument("--speed-decode-tokens", type=int, default=32, help="tokens decoded for --speed (default 32)")
+    parser.set_defaults(func=run)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from nas_minitron.errors import UserError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r} but CUDA is not available here; valid: cpu, auto.")
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    from nas_minitron.evaluate import (
+        eval_table,
+        evaluate_model,
+        find_tasks,
+        load_model,
+        resolve_tasks,
+        save_eval,
+        wide_table,
+    )
+
+    device = _device(args.device)
+    find_tasks(list(resolve_tasks(args.tasks, args.num_fewshot)), args.include_path)  # before loading the model
+    model, tokenizer, label = load_model(args.model, device=device)
+    result = evaluate_model(
+        model,
+        tokenizer,
+        args.tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=args.include_path,
+        batch_size=args.batch_size,
+        device=device,
+        label=args.label or label,
+    )
+    result = dataclasses.replace(result, path=str(args.model))
+    speeds = []
+    if args.speed:
+        from nas_minitron.speed import measure_speed
+
+        speeds.append(
+            measure_speed(
+                model, args.speed_batch_size, args.speed_seq_len, device, args.speed_decode_tokens, label=result.label
+            )
+        )
+    print(wide_table(eval_table([result])).to_string())
+    for speed in speeds:
+        print(
+            f"speed {speed.model} on {speed.device} ({speed.batch_size}x{speed.seq_len}): prefill "
+            f"{speed.prefill_tok_s:.1f} tok/s, decode {speed.decode_tok_s:.1f} tok/s, peak memory "
+            f"{speed.peak_mem_bytes / 2**20:.1f} MiB ({speed.peak_mem_method}), KV cache {speed.kv_cache_bytes} bytes"
+        )
+    if args.out:
+        print(f"saved {save_eval(args.out, [result], speeds)}")
+    return 0
