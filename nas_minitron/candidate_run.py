@@ -6,7 +6,8 @@ importance scores, the token tensors and the teacher-logit cache, so trials shar
 
 Fault injection for tests (environment variables, ignored unless set):
   NAS_MINITRON_FAULT_NAN=<arch name>      the loss of that candidate becomes NaN at the first step
-  NAS_MINITRON_FAULT_KILL=<arch name>     that trial's process dies after its first checkpoint, once per run dir
+  NAS_MINITRON_FAULT_KILL=<arch name>     that trial's process dies after its first checkpoint, once per run dir;
+                                          `first` kills whichever trial checkpoints first
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def _student(arch_name: str, spec: TrialSpec) -> Any:
 
 
 def _maybe_kill(arch_name: str, spec: TrialSpec) -> None:
-    if os.environ.get("NAS_MINITRON_FAULT_KILL") != arch_name:
+    if os.environ.get("NAS_MINITRON_FAULT_KILL") not in (arch_name, "first"):
         return
-    marker = Path(spec.run_dir) / "trial_results" / f".killed-{arch_name}"
+    marker = Path(spec.run_dir) / "trial_results" / ".killed"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
 
     torch.set_num_threads(max(1, spec.cpus_per_trial))
     done = trial_result_path(spec.run_dir, arch_name)
-    if done.is_file() and resume_dir is None:
+    if done.is_file():  # finished before (a re-proposal, or a trial restored after a driver crash): never rerun
         record = json.loads(done.read_text())
         report({**record["final"], "reused_from": record["trial_dir"], "final": True}, None)
         return
@@ -125,7 +126,8 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    final = {**base, **result.curve[-1].to_dict(), "final": True}
+    final = {**base, **result.curve[-1].to_dict(), "final": True,
+             "resumed_from_step": result.resumed_from_step or 0}
     write_json_atomic(done, {"arch": arch_name, "trial_dir": os.getcwd(), "final": final,
                              "curve": [p.to_dict() for p in result.curve]})
     report(final, None)

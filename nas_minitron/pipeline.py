@@ -78,7 +78,7 @@ def _now() -> str:
 
 
 def _prepare(settings: SearchSettings, run_dir: Path, resume: bool) -> dict[str, Any]:
-    """Create or re-open the run directory and return the resolved config that is saved in it."""
+    """Check a new or resumed run directory and return the resolved config (written by `_create`)."""
     from nas_minitron.adapters import get_family
     from nas_minitron.arch import Budget, count_params
     from nas_minitron.teacher import load_teacher_config
@@ -100,14 +100,19 @@ def _prepare(settings: SearchSettings, run_dir: Path, resume: bool) -> dict[str,
     teacher_params = count_params(arch, family.invariants_from_config(teacher_config))
     resolved = {**settings.to_dict(), "budget_params": budget.resolve(teacher_params),
                 "teacher_params": teacher_params, "teacher_arch": arch.name, "head_dim": arch.head_dim,
-                "model_type": family.model_type}
+                "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"])}
     if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(config_file, resolved)
-        write_json_atomic(run_dir / "summary.json", {"teacher": settings.teacher, "budget": settings.budget,
-                                                     "data": settings.data, "started_at": _now(),
-                                                     "stage_wall_s": {}})
+        from nas_minitron.search_stages import find_candidates
+
+        find_candidates(settings, resolved["budget_params"])  # an unreachable budget fails before any output
     return resolved
+
+
+def _create(settings: SearchSettings, run_dir: Path, resolved: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", resolved)
+    write_json_atomic(run_dir / "summary.json", {"teacher": settings.teacher, "budget": settings.budget,
+                                                 "data": settings.data, "started_at": _now(), "stage_wall_s": {}})
 
 
 def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log = print) -> Path:
@@ -115,9 +120,28 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
     from nas_minitron import search_stages
 
     resolved = _prepare(settings, run_dir, resume)
-    run = Run(settings, run_dir, resume, log)
     log(f"run directory {run_dir} ({'resumed' if resume else 'new'}): teacher {resolved['teacher_arch']}, "
         f"budget {settings.budget} = {resolved['budget_params']:,} parameters")
+    if not (run_dir / "stages" / "trials.json").is_file():
+        search_stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
+    if not resume:
+        _create(settings, run_dir, resolved)
+    run = Run(settings, run_dir, resume, log)
+    try:
+        _run_stages(run)
+    finally:
+        import sys
+
+        if "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
+    return Path(run.stage_info("report")["path"])
+
+
+def _run_stages(run: Run) -> None:
+    from nas_minitron import search_stages
+
     stages: dict[str, Callable[[Run], dict[str, Any] | None]] = {
         "candidates": search_stages.candidates,
         "importance": search_stages.importance,
@@ -130,16 +154,15 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
     }
     for stage in STAGES:
         if run.done(stage):
-            log(f"[{stage}] done earlier, skipped")
+            run.log(f"[{stage}] done earlier, skipped")
             continue
-        log(f"[{stage}] ...")
+        run.log(f"[{stage}] ...")
         start = time.perf_counter()
         extra = stages[stage](run) or {}
         wall_s = time.perf_counter() - start
         run.mark(stage, wall_s, **extra)
         _update_summary(run, stage, wall_s)
-        log(f"[{stage}] done in {wall_s:.1f} s")
-    return Path(run.stage_info("report")["path"])
+        run.log(f"[{stage}] done in {wall_s:.1f} s")
 
 
 def _update_summary(run: Run, stage: str, wall_s: float) -> None:

@@ -157,7 +157,7 @@ def _validate(s: SearchSettings) -> None:
 
 
 def differences(saved: Mapping[str, Any], current: SearchSettings) -> list[str]:
-    """Settings (other than runtime keys) whose value differs from a saved config.json."""
+    """Settings (other than runtime keys) whose value differs from a saved config.json (derived keys ignored)."""
     now = json.loads(json.dumps(current.to_dict()))
-    keys = sorted((set(saved) | set(now)) - RUNTIME_KEYS)
+    keys = sorted(set(now) - RUNTIME_KEYS)
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]

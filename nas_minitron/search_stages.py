@@ -9,7 +9,7 @@ import csv
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
     from nas_minitron.pipeline import Run
+    from nas_minitron.run_config import SearchSettings
 
 __all__ = ["candidates", "distill_winners", "evaluate", "importance", "logit_cache", "report", "trials", "winners"]
 
@@ -43,18 +44,40 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-# ---- candidates ----------------------------------------------------------------------------------------------
-def candidates(run: Run) -> dict[str, Any]:
-    from nas_minitron.search_space import CANDIDATE_COLUMNS, best_pure_depth, best_pure_width, default_space, \
-        enumerate_candidates
+# ---- pre-flight: everything that can refuse the run before it writes or computes anything ------------------------
+def find_candidates(s: SearchSettings, budget_params: int) -> tuple[Any, dict[str, Any], list[Any]]:
+    """(space, teacher config, candidates); UserError for an unreachable budget or an empty window."""
+    from nas_minitron.search_space import default_space, enumerate_candidates
     from nas_minitron.space_file import load_space
     from nas_minitron.teacher import load_teacher_config
 
-    s = run.settings
     teacher_config = load_teacher_config(s.teacher, s.cache_dir)
     space = load_space(s.space, teacher_config) if s.space else default_space(teacher_config)
+    return space, teacher_config, enumerate_candidates(space, teacher_config, budget_params, s.tolerance,
+                                                       s.max_candidates)
+
+
+def start_ray(s: SearchSettings, config: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Start or join Ray and check that one trial fits, before the expensive stages."""
+    from nas_minitron.trials import RayOptions, check_resources, connect_ray
+
+    dashboard = connect_ray(RayOptions(address=s.ray_address))
+    if dashboard:
+        log(f"Ray dashboard: {dashboard}")
+    # teacher weights while pruning + student weights, grads and AdamW state + logits and their grads + runtime
+    vocab = int(config.get("vocab_size") or 0)
+    memory = (4 * int(config["teacher_params"]) + 16 * int(config["budget_params"])
+              + 12 * s.batch_size * s.seq_len * vocab + 2**30)
+    check_resources(s.cpus_per_trial, s.gpus_per_trial, memory)
+
+
+# ---- candidates ----------------------------------------------------------------------------------------------
+def candidates(run: Run) -> dict[str, Any]:
+    from nas_minitron.search_space import CANDIDATE_COLUMNS, best_pure_depth, best_pure_width
+
+    s = run.settings
     budget = int(run.config["budget_params"])
-    found = enumerate_candidates(space, teacher_config, budget, s.tolerance, s.max_candidates)
+    space, teacher_config, found = find_candidates(s, budget)
     write_csv(run.path("candidates.csv"), [c.row() for c in found], CANDIDATE_COLUMNS)
     names = {c.name for c in found}
     baselines = []
@@ -133,7 +156,7 @@ def _short_distill_config(run: Run) -> dict[str, Any]:
 
 def trials(run: Run) -> dict[str, Any]:
     from nas_minitron.teacher import resolve_teacher_dir
-    from nas_minitron.trials import RayOptions, TrialSpec, connect_ray, run_trials, trial_rows
+    from nas_minitron.trials import RayOptions, TrialSpec, run_trials, trial_rows
 
     s = run.settings
     names = tuple(r["name"] for r in _candidate_rows(run))
@@ -154,17 +177,8 @@ def trials(run: Run) -> dict[str, Any]:
     )
     options = RayOptions(address=s.ray_address, max_concurrent=s.max_concurrent, sampler=s.sampler, asha=s.asha,
                          seed=s.seed, storage_url=s.storage)
-    dashboard = connect_ray(options)
-    if dashboard:
-        run.log(f"  Ray dashboard: {dashboard}")
-    try:
-        baselines = run.stage_info("candidates").get("baselines", [])
-        results = run_trials(spec, options, s.trials, baselines, resume=run.resume)
-        rows = trial_rows(results)
-    finally:
-        import ray
-
-        ray.shutdown()
+    baselines = run.stage_info("candidates").get("baselines", [])
+    rows = trial_rows(run_trials(spec, options, s.trials, baselines, resume=run.resume))
     _write_trial_tables(run, rows)
     done = sum(r["status"] == "COMPLETE" for r in rows)
     run.log(f"  {len(rows)} trials: {done} complete, {len(rows) - done} failed or stopped")
@@ -271,6 +285,8 @@ def distill_winners(run: Run) -> dict[str, Any]:
                 {"num_tokens": result.num_tokens, "val_loss": result.val_loss, "val_kl": result.val_kl,
                  "curve": [p.to_dict() for p in result.curve]}, indent=1) + "\n")
         shutil.rmtree(run.path("checkpoints", row["name"]), ignore_errors=True)
+        if run.path("checkpoints").is_dir() and not any(run.path("checkpoints").iterdir()):
+            run.path("checkpoints").rmdir()
         results[row["name"]] = {"val_loss": result.val_loss, "val_kl": result.val_kl}
     return {"results": results}
 

@@ -18,9 +18,10 @@ from typing import Any
 from nas_minitron.arch import ArchConfig
 from nas_minitron.candidate_run import FAILED_KEY
 from nas_minitron.errors import UserError
-from nas_minitron.proposals import AXES, decode, encode, param_name
+from nas_minitron.proposals import encode
 
-__all__ = ["RayOptions", "TrialSpec", "connect_ray", "run_trials", "study_storage_url", "FAILED_KEY"]
+__all__ = ["RayOptions", "TrialSpec", "check_resources", "connect_ray", "optuna_numbers", "run_trials",
+           "study_storage_url", "trial_rows"]
 
 STUDY_NAME = "nas-minitron"
 EXPERIMENT_NAME = "trials"
@@ -68,10 +69,25 @@ def _worker_env() -> dict[str, str]:
     """Environment variables the trial workers must see (read at import time by HF libraries)."""
     keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "NAS_MINITRON_CACHE",
             "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "PYTHONPATH")
-    env = {k: os.environ[k] for k in keys if k in os.environ}
+    env = {k: v for k, v in os.environ.items() if k in keys or k.startswith("NAS_MINITRON_FAULT_")}
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def _probe(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast on an unreachable host:port (ray.init would retry for minutes)."""
+    import socket
+
+    if address == "auto" or address.startswith("ray://") and ":" not in address[6:]:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address must be 'auto' or host:port (e.g. 127.0.0.1:6379), but got {address!r}.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(f"cannot reach the Ray cluster at --ray-address {address!r}: {err}.") from None
 
 
 def connect_ray(options: RayOptions) -> str | None:
@@ -84,6 +100,7 @@ def connect_ray(options: RayOptions) -> str | None:
         return None
     kwargs: dict[str, Any] = dict(runtime_env={"env_vars": _worker_env()}, log_to_driver=False)
     if options.address:
+        _probe(options.address)
         try:
             context = ray.init(address=options.address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as err:
@@ -102,15 +119,20 @@ def connect_ray(options: RayOptions) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def _check_resources(spec: TrialSpec) -> None:
+def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial_bytes: int) -> None:
+    """UserError before any work when one trial cannot fit the connected Ray cluster."""
     import ray
 
     total = ray.cluster_resources()
-    if spec.cpus_per_trial > total.get("CPU", 0):
-        raise UserError(f"--cpus-per-trial {spec.cpus_per_trial} but the Ray cluster has {total.get('CPU', 0):g} CPUs.")
-    if spec.gpus_per_trial > total.get("GPU", 0):
+    if cpus_per_trial > total.get("CPU", 0):
+        raise UserError(f"--cpus-per-trial {cpus_per_trial} but the Ray cluster has {total.get('CPU', 0):g} CPUs.")
+    if gpus_per_trial > total.get("GPU", 0):
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs.")
+    available = ray.available_resources().get("memory", total.get("memory", 0))
+    if available and memory_per_trial_bytes > available:
         raise UserError(
-            f"--gpus-per-trial {spec.gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs."
+            f"one trial needs about {memory_per_trial_bytes / 2**30:.1f} GiB but the Ray cluster offers "
+            f"{available / 2**30:.1f} GiB of memory; lower --batch-size/--seq-len or use a bigger machine."
         )
 
 
@@ -134,30 +156,10 @@ def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
 def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str]):  # type: ignore[no-untyped-def]
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
-    class StudySearch(OptunaSearch):
-        """OptunaSearch that tells Optuna FAIL (not COMPLETE) for errored and NaN trials."""
-
-        def suggest(self, trial_id: str) -> dict | None:
-            config = super().suggest(trial_id)
-            if trial_id in self._ot_trials:  # lets the run directory match Optuna trials to Ray trials
-                self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
-            return config
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if error or (result is not None and result.get(FAILED_KEY)):
-                result, error = None, True
-            super().on_trial_complete(trial_id, result=result, error=error)
+    from nas_minitron.trial_search import CandidateSpace, StudySearch
 
     archs = [ArchConfig.parse(name, spec.head_dim) for name in spec.candidates]
-
-    def space(trial: optuna.Trial) -> dict[str, Any]:
-        for axis in AXES:
-            trial.suggest_float(param_name(axis), 0.0, 1.0)
-        chosen = decode(archs, trial.params)
-        return {"arch": chosen.name}
-
     objectives = list(spec.objectives)
     multi = len(objectives) > 1
     sampler_name = options.sampler if options.sampler != "auto" else ("nsga2" if multi else "tpe")
@@ -171,7 +173,7 @@ def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str]):  # ty
     storage = optuna.storages.RDBStorage(study_storage_url(spec.run_dir, options.storage_url))
     points = [encode(archs, ArchConfig.parse(name, spec.head_dim)) for name in enqueue]
     return StudySearch(
-        space=space,
+        space=CandidateSpace(archs),
         metric=objectives if multi else objectives[0],
         mode=["min"] * len(objectives) if multi else "min",
         sampler=samplers[sampler_name](),
@@ -187,7 +189,6 @@ def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: S
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    _check_resources(spec)
     storage_path = str(Path(spec.run_dir).resolve() / "ray")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, spec=spec), {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}

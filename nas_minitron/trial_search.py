@@ -1,0 +1,49 @@
+"""The Optuna side of the trials, at module level so Ray can pickle the searcher into its experiment checkpoints.
+
+Imports ray and optuna at the top: only `trials.py` imports this module, from inside its functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from nas_minitron.arch import ArchConfig
+from nas_minitron.candidate_run import FAILED_KEY
+from nas_minitron.proposals import AXES, decode, param_name
+
+__all__ = ["CandidateSpace", "StudySearch"]
+
+
+class CandidateSpace:
+    """Define-by-run space: one u in [0, 1) per axis, decoded onto the in-budget candidates (proposals.py)."""
+
+    def __init__(self, archs: Sequence[ArchConfig]) -> None:
+        self.archs = list(archs)
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        for axis in AXES:
+            trial.suggest_float(param_name(axis), 0.0, 1.0)
+        return {"arch": decode(self.archs, trial.params).name}
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that records the Ray trial id on each Optuna trial and tells FAIL for errored or NaN trials.
+
+    Stock OptunaSearch tells COMPLETE for an errored trial that already reported its metric, so a crashed trial
+    could win; here it is FAIL, as is a trial that reported `failed` (a non-finite loss).
+    """
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or (result is not None and result.get(FAILED_KEY)):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
