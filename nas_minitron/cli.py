@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # transformers' advisory warnings would bury the one-line error of a bad input; users can override this.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Ray reads these when first imported: bind a local cluster to loopback only, and send no usage stats.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
