@@ -8,8 +8,12 @@ import io
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from nas_minitron.errors import UserError
+
+if TYPE_CHECKING:
+    from nas_minitron.search_space import Candidate
 
 __all__ = ["format_candidates", "register", "run"]
 
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_candidates(candidates: Sequence, fmt: str) -> str:  # Sequence[Candidate]
+def format_candidates(candidates: Sequence[Candidate], fmt: str) -> str:
     """`csv` (exactly CANDIDATE_COLUMNS, as candidates.csv) or an aligned `table` of the same columns."""
     from nas_minitron.search_space import CANDIDATE_COLUMNS
 
