@@ -48,7 +48,47 @@ def _row(label: str, losses: list[float], teacher_loss: float) -> dict[str, Any]
     return {"criterion": label, "val_loss": mean, "std": spread, "runs": losses}
 
 
+def _dump(path: str | None, results: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+def _scores(teacher: Any, calib: Any, args: argparse.Namespace, results: dict[str, Any], depth: bool,
+            window: int = 1) -> Any:
+    """Activation scores (width only, or with layer metrics), cached in --scores-dir across runs."""
+    from pathlib import Path
+
+    from nas_minitron.importance import compute_importance
+    from nas_minitron.scores import ImportanceScores
+
+    cache = Path(args.scores_dir) / ("depth" if depth else "width") if args.scores_dir else None
+    if cache is not None and (cache / "scores.json").is_file():
+        return ImportanceScores.load(cache)
+    start = time.perf_counter()
+    scores = compute_importance(teacher, calib, batch_size=8, layer_metrics=depth, window_sizes=(1, window),
+                                loss_sequences=args.loss_samples, progress=True)
+    wall_s = time.perf_counter() - start
+    results[f"importance_{'depth' if depth else 'width'}_wall_s"] = wall_s
+    print(f"importance ({'with layer metrics' if depth else 'width only'}) on {calib.shape[0]}x{calib.shape[1]} "
+          f"tokens: {wall_s:.0f} s", flush=True)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        scores.save(cache)
+    return scores
+
+
 def main() -> None:
+    import contextlib
+
+    import torch
+
+    args = _parser().parse_args()
+    with torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext():
+        _run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--calib", type=int, default=64, help="calibration sequences")
@@ -57,9 +97,14 @@ def main() -> None:
     parser.add_argument("--loss-samples", type=int, default=16, help="sequences for layer-removal losses")
     parser.add_argument("--axes", default="mlp,embedding,heads,depth")
     parser.add_argument("--agg-ablation", action="store_true", help="also compare the 4 aggregation choices")
-    parser.add_argument("--json", default=None, help="write all numbers here")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="write all numbers here (rewritten after every axis)")
+    parser.add_argument("--depth-calib", type=int, default=16, help="calibration sequences for the depth scores")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (same for every criterion)")
+    parser.add_argument("--scores-dir", default=None, help="save/reuse the activation scores here")
+    return parser
 
+
+def _run(args: argparse.Namespace) -> None:
     import torch
 
     from nas_minitron.arch import ArchConfig
@@ -76,7 +121,7 @@ def main() -> None:
     calib = take_sequences("builtin", tokenizer, "calibration", args.seq_len, args.calib)
     val = take_sequences("builtin", tokenizer, "validation", args.seq_len, args.val)
     axes = args.axes.split(",")
-    results: dict[str, Any] = {"teacher": t_arch.name, "calib_sequences": args.calib, "val_sequences": args.val,
+    results: dict[str, Any] = {"bf16_autocast": args.bf16, "depth_calib": args.depth_calib, "teacher": t_arch.name, "calib_sequences": args.calib, "val_sequences": args.val,
                                "seq_len": args.seq_len, "loss_samples": args.loss_samples, "axes": {}}
     start = time.perf_counter()
     teacher_loss = lm_loss(teacher, val, batch_size=8)
@@ -85,14 +130,7 @@ def main() -> None:
           f"({time.perf_counter() - start:.0f} s)", flush=True)
 
     drop = t_arch.num_hidden_layers - ArchConfig.parse(DEPTH_ARCH, t_arch.head_dim).num_hidden_layers
-    start = time.perf_counter()
-    activation = compute_importance(
-        teacher, calib, batch_size=8, layer_metrics="depth" in axes, window_sizes=(1, drop),
-        loss_sequences=args.loss_samples, progress=True,
-    )
-    results["importance_wall_s"] = time.perf_counter() - start
-    print(f"importance on {args.calib}x{args.seq_len} tokens: {results['importance_wall_s']:.0f} s "
-          f"(width pass {activation.meta['width_pass_s']:.0f} s)", flush=True)
+    width = _scores(teacher, calib, args, results, depth=False)
     magnitude = magnitude_scores(teacher)
     randoms = [random_scores(t_arch, seed) for seed in RANDOM_SEEDS]
 
@@ -103,15 +141,17 @@ def main() -> None:
         rows = []
         for rescale in rescales:
             suffix = "" if len(rescales) == 1 else f" (rescale_norms={rescale})"
-            rows.append(_row("activation" + suffix, [_val_loss(teacher, activation, target, val,
+            rows.append(_row("activation" + suffix, [_val_loss(teacher, width, target, val,
                                                                rescale_norms=rescale)], teacher_loss))
             rows.append(_row("magnitude" + suffix, [_val_loss(teacher, magnitude, target, val,
                                                               rescale_norms=rescale)], teacher_loss))
             rows.append(_row("random" + suffix, [_val_loss(teacher, r, target, val, rescale_norms=rescale)
                                                  for r in randoms], teacher_loss))
         results["axes"][axis] = {"target": target, "rows": rows}
+        _dump(args.json, results)
 
     if "depth" in axes:
+        activation = _scores(teacher, calib[: args.depth_calib], args, results, depth=True, window=drop)
         print(f"depth: {t_arch.name} -> {DEPTH_ARCH}", flush=True)
         rows = [_row(f"activation ({method})", [_val_loss(teacher, activation, DEPTH_ARCH, val, method)],
                      teacher_loss) for method in ("block_importance", "loss_drop", "contiguous")]
@@ -119,6 +159,7 @@ def main() -> None:
         rows.append(_row("random", [_val_loss(teacher, r, DEPTH_ARCH, val, "random") for r in randoms],
                          teacher_loss))
         results["axes"]["depth"] = {"target": DEPTH_ARCH, "rows": rows}
+        _dump(args.json, results)
 
     if args.agg_ablation:
         print("aggregations (batch_agg/seq_agg) on every width axis:", flush=True)
@@ -133,9 +174,7 @@ def main() -> None:
                     print(f"  batch {batch_agg:<4} seq {seq_agg:<4} {axis:<9} {loss:7.3f}", flush=True)
         results["aggregations"] = table
 
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    _dump(args.json, results)
     print("done", file=sys.stderr)
 
 

@@ -88,10 +88,34 @@ def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
         raise UserError(f"--seq-len {args.seq_len} is above the teacher's max_position_embeddings={max_positions}.")
 
 
+def _expected_meta(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The inputs a saved record must match to be reused (see importance.REUSE_KEYS)."""
+    from nas_minitron.data import data_fingerprint
+    from nas_minitron.importance import weights_fingerprint
+    from nas_minitron.materialize import teacher_arch
+
+    num_layers = teacher_arch(model)[1].num_hidden_layers
+    layer_loss = args.layer_metrics and args.layer_loss
+    return {
+        "teacher_arch": teacher_arch(model)[1].name,
+        "weights_fingerprint": weights_fingerprint(model),
+        "data_fingerprint": data_fingerprint(args.data, tokenizer, "calibration", args.seq_len, args.num_samples,
+                                             args.seed, args.text_column),
+        "batch_agg": args.batch_agg,
+        "seq_agg": args.seq_agg,
+        "layer_metrics": args.layer_metrics,
+        "layer_loss": layer_loss,
+        "window_sizes": [k for k in args.window_sizes if k < num_layers] if layer_loss else [],
+        "loss_sequences": min(args.loss_samples, args.num_samples) if layer_loss else None,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from nas_minitron.atomic import atomic_directory
-    from nas_minitron.data import data_fingerprint, take_sequences
-    from nas_minitron.importance import compute_importance, reusable_scores, weights_fingerprint
+    from nas_minitron.data import take_sequences
+    from nas_minitron.importance import compute_importance, reusable_scores
     from nas_minitron.teacher import load_teacher, load_teacher_config
 
     config = load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code)
@@ -101,24 +125,7 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, tokenizer = load_teacher(args.teacher, args.cache_dir, device=device,
                                     trust_remote_code=args.trust_remote_code)
-    num_layers = int(config["num_hidden_layers"])
-    windows = [k for k in args.window_sizes if k < num_layers] if args.layer_metrics and args.layer_loss else []
-    layer_loss = args.layer_metrics and args.layer_loss
-    expected = {
-        "teacher_arch": None,  # filled below from the live model
-        "weights_fingerprint": weights_fingerprint(model),
-        "data_fingerprint": data_fingerprint(args.data, tokenizer, "calibration", args.seq_len, args.num_samples,
-                                             args.seed, args.text_column),
-        "batch_agg": args.batch_agg,
-        "seq_agg": args.seq_agg,
-        "layer_metrics": args.layer_metrics,
-        "layer_loss": layer_loss,
-        "window_sizes": windows,
-        "loss_sequences": min(args.loss_samples, args.num_samples) if layer_loss else None,
-    }
-    from nas_minitron.materialize import teacher_arch
-
-    expected["teacher_arch"] = teacher_arch(model)[1].name
+    expected = _expected_meta(args, model, tokenizer)
     if args.out.exists() and not args.overwrite:
         if reusable_scores(args.out, expected) is not None:
             print(f"importance scores in {args.out} match these inputs; reusing them (--overwrite recomputes)")
@@ -128,11 +135,9 @@ def run(args: argparse.Namespace) -> int:
                              args.text_column)  # [N, T]
     scores = compute_importance(
         model, batches, batch_size=args.batch_size, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
-        layer_metrics=args.layer_metrics, layer_loss=layer_loss, window_sizes=windows,
+        layer_metrics=args.layer_metrics, layer_loss=expected["layer_loss"], window_sizes=expected["window_sizes"],
         loss_sequences=args.loss_samples, progress=True,
     )
-    import dataclasses
-
     meta = dict(scores.meta, **expected, teacher=args.teacher, data=args.data, seed=args.seed, device=device,
                 compute_dtype="bfloat16" if device == "cuda" else "float32")
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
