@@ -77,6 +77,19 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_reduce_grads(module: Any) -> None:
+    """Average gradients of a module that is not wrapped in DDP across workers (no-op in one process)."""
+    import torch.distributed as dist
+
+    world = _world_size()
+    if world == 1:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad.div_(world)
+
+
 def _is_rank_zero() -> bool:
     import torch.distributed as dist
 
@@ -239,9 +252,11 @@ class _Run:
             self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
             self.wall_s_before, self.resumed_from = float(state["wall_s"]), self.step
             return
-        self._evaluate(val, on_eval)
+        point = self._evaluate(val)
+        if on_eval is not None:
+            on_eval(point)
 
-    def _evaluate(self, val: Any, on_eval: Any) -> EvalPoint:
+    def _evaluate(self, val: Any) -> EvalPoint:
         from nas_minitron.distill_objective import validate
 
         val = val[: self.config.num_val_sequences]
@@ -251,8 +266,6 @@ class _Run:
         self.loss_sum, self.loss_count = 0.0, 0
         point = EvalPoint(self.step, self.step * self.tokens_per_step, val_loss, val_kl, train_loss, self.wall_s())
         self.curve.append(point)
-        if on_eval is not None:
-            on_eval(point)
         return point
 
     def _checkpoint(self, on_checkpoint: Any) -> None:
@@ -293,6 +306,7 @@ class _Run:
                 raise NonFiniteLossError(self.step + 1, value)
             (loss / self.config.grad_accum).backward()
             total += value
+        _all_reduce_grads(self.objective)  # DDP syncs the student's gradients, not the projection's
         if self.config.clip_norm:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
@@ -312,8 +326,10 @@ class _Run:
             if on_step is not None:
                 on_step(StepInfo(self.step, self.step * self.tokens_per_step, loss, lr, self.wall_s()))
             if self.step % self.eval_every_steps == 0 or self.step == self.num_steps:
-                self._evaluate(val, on_eval)
-                self._checkpoint(on_checkpoint)
+                point = self._evaluate(val)
+                self._checkpoint(on_checkpoint)  # before on_eval, so that a search trial reports both together
+                if on_eval is not None:
+                    on_eval(point)
         last = self.curve[-1]
         return DistillResult(
             curve=tuple(self.curve),
