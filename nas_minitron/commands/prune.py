@@ -1,0 +1,114 @@
+"""`nas-minitron prune`: materialize one student from a teacher, an arch name and a criterion."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nas_minitron.errors import UserError
+from nas_minitron.keep import DEPTH_METHODS
+
+__all__ = ["register"]
+
+
+def add_teacher_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--teacher, --cache-dir and --trust-remote-code, shared by every command that loads a teacher."""
+    parser.add_argument(
+        "--teacher",
+        required=required,
+        help="local HF model directory, .gguf file, hub id (org/name), or the embedded default 'smollm2-135m'",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where converted GGUF teachers are cached (default: $NAS_MINITRON_CACHE or ~/.cache/nas-minitron)",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the teacher's repository"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a teacher to one architecture and save it as a Hugging Face directory",
+        description=(
+            "Prune --teacher to --arch (L{layers}-H{hidden}-I{intermediate}-A{heads}-KV{kv_heads}) keeping the units "
+            "ranked highest by --importance scores, or by a baseline --criterion; or re-derive a student from a "
+            "pruning.json with --plan. Writes weights, config, tokenizer and pruning.json to --out."
+        ),
+    )
+    add_teacher_args(parser, required=False)
+    parser.add_argument("--arch", help="target architecture, e.g. L24-H432-I1024-A6-KV3")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--importance", type=Path, help="importance directory from `nas-minitron importance`")
+    how.add_argument(
+        "--criterion",
+        choices=("magnitude", "random"),
+        help="baseline keep sets when no importance scores are given (default: magnitude)",
+    )
+    how.add_argument("--plan", type=Path, help="re-derive the student recorded in this pruning.json")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --criterion random (default: 0)")
+    parser.add_argument(
+        "--depth-method", choices=DEPTH_METHODS, default="auto", help="how layers are chosen (default: auto)"
+    )
+    parser.add_argument(
+        "--no-rescale-norms",
+        dest="rescale_norms",
+        action="store_false",
+        help="do not rescale RMSNorm weights by sqrt(H/H') when embedding channels are pruned",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nas_minitron.atomic import atomic_directory, check_output_dir
+    from nas_minitron.prune import PruningPlan, plan_for, save_student, target_arch
+    from nas_minitron.teacher import load_teacher, load_teacher_config
+
+    check_output_dir(args.out, args.overwrite)  # before any expensive work
+    plan = PruningPlan.load(args.plan) if args.plan else None
+    teacher_spec = args.teacher or (plan.teacher if plan else None)
+    if not teacher_spec:
+        raise UserError("--teacher is required (or --plan with a pruning.json that names its teacher).")
+    arch_name = args.arch or (plan.arch.name if plan else None)
+    if not arch_name:
+        raise UserError("--arch is required, e.g. --arch L24-H432-I1024-A6-KV3 (or --plan pruning.json).")
+    config = load_teacher_config(teacher_spec, args.cache_dir, args.trust_remote_code)
+    target = target_arch(config, arch_name)  # refuses unprunable/unloadable archs before loading weights
+    if plan is not None and plan.arch != target:
+        raise UserError(f"--arch {arch_name} differs from the plan's {plan.arch.name}.")
+    teacher, tokenizer = load_teacher(teacher_spec, args.cache_dir, trust_remote_code=args.trust_remote_code)
+    if plan is None:
+        plan = plan_for(
+            teacher,
+            teacher_spec,
+            target,
+            _scores(args, teacher),
+            depth_method=args.depth_method,
+            rescale_norms=args.rescale_norms,
+            importance_dir=str(args.importance) if args.importance else None,
+        )
+    from nas_minitron.materialize import materialize
+
+    student = materialize(teacher, plan.arch, plan.keep, rescale_norms=plan.rescale_norms)
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        save_student(student, tokenizer, plan, tmp)
+    print(f"{plan.arch.name}: {plan.params:,} parameters ({plan.criterion}) -> {args.out}")
+    sys.stdout.flush()
+    return 0
+
+
+def _scores(args: argparse.Namespace, teacher):  # type: ignore[no-untyped-def]
+    from nas_minitron.baselines import magnitude_scores, random_scores
+    from nas_minitron.materialize import teacher_arch
+    from nas_minitron.scores import ImportanceScores
+
+    if args.importance:
+        return ImportanceScores.load(args.importance)
+    if args.criterion == "random":
+        return random_scores(teacher_arch(teacher)[1], args.seed)
+    return magnitude_scores(teacher)
