@@ -171,7 +171,7 @@ def _evaluation(section: Section, run_dir: Path) -> None:
     wide = wide_table(eval_table(results))
     section.figures += plots.eval_figures(wide, speed)
     if not wide.empty:
-        section.tables["eval"] = wide.reset_index()
+        section.tables["eval"] = wide.reset_index().rename_axis(columns=None)
     if not speed.empty:
         section.tables["speed"] = speed
         methods = ", ".join(sorted(set(speed.get("peak_mem_method", []))))

@@ -192,7 +192,7 @@ def eval_figures(wide: pd.DataFrame, speed: pd.DataFrame) -> list[go.Figure]:
             fig.add_bar(x=labels, y=main[model], name=str(model))
         figs.append(fig)
     if not speed.empty:
-        fig = _fig(title="Speed (tokens/s, higher is better)", yaxis_title="tokens/s", barmode="group")
+        fig = _fig(title="Speed (tokens/s, higher is better)", yaxis=dict(title="tokens/s", type="log"), barmode="group")
         fig.add_bar(x=speed["model"], y=speed["prefill_tok_s"], name="prefill")
         fig.add_bar(x=speed["model"], y=speed["decode_tok_s"], name="decode")
         figs.append(fig)
