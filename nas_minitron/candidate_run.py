@@ -95,18 +95,19 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
     base = {"arch": arch_name, "params": params, FAILED_KEY: False, "final": False}
     work = Path(tempfile.mkdtemp(prefix="nasm-trial-"))
     if resume_dir is not None:
-        shutil.copytree(resume_dir, work / resume_dir.name)
-    pending: list[EvalPoint] = []
+        # Ray hands back the step directory's contents under a name of its own; the trainer looks for `step-*`
+        # directories and reads the real step from the state inside.
+        shutil.copytree(resume_dir, work / "step-00000000")
+    checkpoints: list[Path] = []
+
+    def on_checkpoint(path: Path) -> None:  # distill checkpoints first, then calls on_eval for the same step
+        checkpoints.append(path)
 
     def on_eval(point: EvalPoint) -> None:
-        if point.step == 0:  # untrained ranking: no checkpoint yet
-            report({**base, **point.to_dict()}, None)
-        else:
-            pending.append(point)
-
-    def on_checkpoint(path: Path) -> None:
-        report({**base, **pending.pop().to_dict()}, path)
-        _maybe_kill(arch_name, spec)
+        checkpoint = checkpoints.pop() if checkpoints else None  # none at step 0 (the untrained ranking)
+        report({**base, **point.to_dict()}, checkpoint)
+        if checkpoint is not None:
+            _maybe_kill(arch_name, spec)
 
     try:
         result = distill(

@@ -29,7 +29,8 @@ class SearchSettings:
     data: str = "builtin"
     """text for calibration, distillation and validation (see `nas-minitron importance --help`)"""
     space: str | None = None
-    """search-space YAML file or name in search_spaces/; default: derived from the teacher"""
+    """search-space YAML file or name in search_spaces/; default: smollm2-135m-cpu for the embedded teacher, else
+    derived from the teacher"""
     tolerance: float | None = None
     """relative distance to the budget a candidate may have (default: the space's)"""
     max_candidates: int | None = None

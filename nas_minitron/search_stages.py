@@ -28,6 +28,7 @@ TRIAL_COLUMNS = ("trial_id", "number", "name", "num_hidden_layers", "hidden_size
                  "error")
 CURVE_COLUMNS = ("trial_id", "name", "step", "num_tokens", "val_loss", "val_kl")
 WINNER_COLUMNS = ("rank", "name", "params", "val_loss", "val_kl", "path")
+DEFAULT_CPU_SPACE = "smollm2-135m-cpu"  # the embedded default's space: few depths keep importance short on CPU
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -49,10 +50,11 @@ def find_candidates(s: SearchSettings, budget_params: int) -> tuple[Any, dict[st
     """(space, teacher config, candidates); UserError for an unreachable budget or an empty window."""
     from nas_minitron.search_space import default_space, enumerate_candidates
     from nas_minitron.space_file import load_space
-    from nas_minitron.teacher import load_teacher_config
+    from nas_minitron.teacher import DEFAULT_TEACHER, load_teacher_config
 
     teacher_config = load_teacher_config(s.teacher, s.cache_dir)
-    space = load_space(s.space, teacher_config) if s.space else default_space(teacher_config)
+    name = s.space or (DEFAULT_CPU_SPACE if s.teacher == DEFAULT_TEACHER else None)
+    space = load_space(name, teacher_config) if name else default_space(teacher_config)
     return space, teacher_config, enumerate_candidates(space, teacher_config, budget_params, s.tolerance,
                                                        s.max_candidates)
 
@@ -318,6 +320,6 @@ def evaluate(run: Run) -> dict[str, Any]:
 def report(run: Run) -> dict[str, Any]:
     from nas_minitron.report import write_report
 
-    path = write_report(run.dir)
+    path = write_report(run.dir).resolve()
     run.log(f"  report: {path}")
     return {"path": str(path)}

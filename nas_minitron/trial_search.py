@@ -5,6 +5,7 @@ Imports ray and optuna at the top: only `trials.py` imports this module, from in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ class StudySearch(OptunaSearch):
     """OptunaSearch that records the Ray trial id on each Optuna trial and tells FAIL for errored or NaN trials.
 
     Stock OptunaSearch tells COMPLETE for an errored trial that already reported its metric, so a crashed trial
-    could win; here it is FAIL, as is a trial that reported `failed` (a non-finite loss).
+    could win; here it is FAIL, as is a trial that reported `failed` (a non-finite loss) or a non-finite objective.
     """
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -43,7 +44,23 @@ class StudySearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return config
 
+    def _finite(self, result: dict) -> bool:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(m) for m in metrics]
+        return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Optuna refuses None (a NaN serialized by the trial) and non-finite values would skew its statistics.
+        if result.get(FAILED_KEY) or trial_id in self._completed_trials or not self._finite(result):
+            return
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # After a driver crash Ray restores a searcher pickled a little earlier than the study in storage,
+            # which may already hold this trial as finished; storage wins.
+            self._completed_trials.add(trial_id)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if error or (result is not None and result.get(FAILED_KEY)):
+        if error or result is None or result.get(FAILED_KEY) or not self._finite(result):
             result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)

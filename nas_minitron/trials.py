@@ -20,7 +20,7 @@ from nas_minitron.candidate_run import FAILED_KEY
 from nas_minitron.errors import UserError
 from nas_minitron.proposals import encode
 
-__all__ = ["RayOptions", "TrialSpec", "check_resources", "connect_ray", "optuna_numbers", "run_trials",
+__all__ = ["RayOptions", "TrialSpec", "check_resources", "close_orphans", "connect_ray", "optuna_numbers", "run_trials",
            "study_storage_url", "trial_rows"]
 
 STUDY_NAME = "nas-minitron"
@@ -196,7 +196,10 @@ def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: S
     experiment = os.path.join(storage_path, EXPERIMENT_NAME)
     if resume and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        return tuner.fit()
+        results = tuner.fit()
+        close_orphans(study_storage_url(spec.run_dir, options.storage_url),
+                      [r.metrics.get("trial_id", "") for r in results if r.metrics])
+        return results
     scheduler = None
     if options.asha and len(spec.objectives) == 1:
         scheduler = ASHAScheduler(time_attr="num_tokens", max_t=int(spec.distill["num_tokens"]),
@@ -246,6 +249,24 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def close_orphans(storage_url: str, ray_trial_ids: Sequence[str]) -> int:
+    """Tell FAIL for Optuna trials still RUNNING that no Ray trial finished (asked just before a driver crash).
+
+    Ray restores a searcher pickled a little before the crash, so a trial asked after that pickle is asked again
+    under a new id; the old one would stay RUNNING in storage forever. Returns how many were closed.
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get("ray_trial_id") not in ray_trial_ids:
+            study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            closed += 1
+    return closed
 
 
 def optuna_numbers(storage_url: str) -> dict[str, int]:

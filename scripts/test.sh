@@ -4,6 +4,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# The report's browser test needs a Chromium; install Debian's where we can (root + apt), else it skips.
+if ! command -v chromium >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null 2>&1 || echo "warning: could not install chromium; the browser test will be skipped" >&2
+fi
 PY="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"
 PY="${PY:-.venv/bin/python}"
 if [[ $# -eq 0 ]]; then set -- -m "not slow or ci"; fi
