@@ -30,11 +30,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __all__ = [
-    "BATCH_AGGS", "REUSE_KEYS", "SEQ_AGGS", "check_aggregations", "compute_importance", "importance_hooks",
+    "BATCH_AGGS", "HEAD_METRICS", "REUSE_KEYS", "SEQ_AGGS", "check_aggregations", "compute_importance", "importance_hooks",
     "reusable_scores", "weights_fingerprint",
 ]
 
 BATCH_AGGS = ("l2", "mean")
+# contribution: ‖o_proj(head slice)‖, the head's write into the residual stream (default: on SmolLM2 the papers'
+# attn_output norm picked heads worse than random, see benchmarks/bench_importance_quality.py);
+# attn_output: ‖head slice of o_proj's input‖, the Minitron papers' definition.
+HEAD_METRICS = ("contribution", "attn_output")
 SEQ_AGGS = ("mean", "l2")
 
 
@@ -84,7 +88,8 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 @contextlib.contextmanager
 def importance_hooks(
-    model: PreTrainedModel, acc: _Accumulators, batch_agg: str, seq_agg: str, block_importance: bool
+    model: PreTrainedModel, acc: _Accumulators, batch_agg: str, seq_agg: str, block_importance: bool,
+    head_metric: str = "contribution",
 ) -> Iterator[_Accumulators]:
     """Register the scoring hooks for the block's duration; they read `acc.mask` of the batch in flight."""
     import torch
@@ -96,10 +101,20 @@ def importance_hooks(
     def add(values: torch.Tensor, target: torch.Tensor) -> None:
         _accumulate(target, _per_sequence(values, acc.mask, seq_agg), batch_agg)
 
-    def on_heads(index: int):  # type: ignore[no-untyped-def]
+    def on_heads(index: int, o_proj: Any):  # type: ignore[no-untyped-def]
+        gram = None
+        if head_metric == "contribution":
+            # ‖W_o[:, h] x_h‖ = sqrt(x_hᵀ (W_hᵀ W_h) x_h): head h's write into the residual, at d² per head per token
+            w = o_proj.weight.detach().float().unflatten(1, (num_heads, -1))  # [H, A, d]
+            gram = torch.einsum("kad,kae->ade", w, w)  # [A, d, d]
+
         def hook(_module: Any, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().float()  # [B, T, A*d]
-            add(x.unflatten(-1, (num_heads, -1)).norm(dim=-1), acc.heads[index])  # [B, T, A]
+            x = args[0].detach().float().unflatten(-1, (num_heads, -1))  # [B, T, A, d]
+            if gram is None:
+                norms = x.norm(dim=-1)  # [B, T, A]
+            else:
+                norms = torch.einsum("btad,ade,btae->bta", x, gram, x).clamp(min=0).sqrt()  # [B, T, A]
+            add(norms, acc.heads[index])
         return hook
 
     def on_neurons(index: int):  # type: ignore[no-untyped-def]
@@ -128,7 +143,7 @@ def importance_hooks(
     try:
         for i, layer in enumerate(family.decoder_layers(model)):
             parts = family.layer_parts(layer)
-            handles.append(parts.o_proj.register_forward_pre_hook(on_heads(i)))
+            handles.append(parts.o_proj.register_forward_pre_hook(on_heads(i, parts.o_proj)))
             handles.append(parts.down_proj.register_forward_pre_hook(on_neurons(i)))
             handles.append(parts.input_layernorm.register_forward_hook(on_norm(2 * i)))
             handles.append(parts.post_attention_layernorm.register_forward_hook(on_norm(2 * i + 1)))
@@ -171,8 +186,11 @@ def _progress(total_tokens: int, label: str, enabled: bool):  # type: ignore[no-
     return tqdm(total=total_tokens, desc=label, unit="tok", unit_scale=True, disable=not enabled, leave=False)
 
 
-def _check_inputs(model: PreTrainedModel, batches: torch.Tensor, batch_size: int, batch_agg: str, seq_agg: str) -> None:
+def _check_inputs(model: PreTrainedModel, batches: torch.Tensor, batch_size: int, batch_agg: str, seq_agg: str,
+                  head_metric: str) -> None:
     check_aggregations(batch_agg, seq_agg)
+    if head_metric not in HEAD_METRICS:
+        raise UserError(f"--head-metric must be one of {', '.join(HEAD_METRICS)}, but got {head_metric!r}.")
     if batches.dim() != 2 or batches.shape[0] == 0 or batches.shape[1] < 2:
         raise UserError(f"expected token batches of shape [N>0, T>1], but got {tuple(batches.shape)}.")
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -200,7 +218,8 @@ def _width_pass(
     want_loss = options["loss_sequences"] > 0
     total, count = 0.0, 0
     bar = _progress(int(batches.numel()), "importance", options["progress"])
-    hooks = importance_hooks(model, acc, options["batch_agg"], options["seq_agg"], options["layer_metrics"])
+    hooks = importance_hooks(model, acc, options["batch_agg"], options["seq_agg"], options["layer_metrics"],
+                             options["head_metric"])
     with hooks as state, \
             torch.inference_mode(), autocast_for(model), bar:
         for start in range(0, batches.shape[0], options["batch_size"]):
@@ -247,6 +266,7 @@ def compute_importance(
     loss_sequences: int | None = None,
     attention_mask: torch.Tensor | None = None,
     progress: bool = False,
+    head_metric: str = "contribution",
 ) -> ImportanceScores:
     """Score every head, neuron, embedding channel and layer of `model` on [N, T] token `batches`.
 
@@ -256,7 +276,7 @@ def compute_importance(
     """
     import torch
 
-    _check_inputs(model, batches, batch_size, batch_agg, seq_agg)
+    _check_inputs(model, batches, batch_size, batch_agg, seq_agg, head_metric)
     family = get_family(model.config.model_type)
     arch = family.arch_from_config(model.config.to_dict())
     num_layers, num_sequences = arch.num_hidden_layers, int(batches.shape[0])
@@ -265,7 +285,8 @@ def compute_importance(
         raise UserError(f"window sizes must lie in [1, {num_layers - 1}], but got {list(window_sizes)}.")
     rows = min(loss_sequences or num_sequences, num_sequences)
     options = dict(batch_size=batch_size, batch_agg=batch_agg, seq_agg=seq_agg, layer_metrics=layer_metrics,
-                   loss_sequences=rows if layer_metrics and layer_loss else 0, progress=progress)
+                   loss_sequences=rows if layer_metrics and layer_loss else 0, progress=progress,
+                   head_metric=head_metric)
     device = next(model.parameters()).device
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
     acc = _Accumulators(zeros(num_layers, arch.num_attention_heads), zeros(num_layers, arch.intermediate_size),
@@ -290,7 +311,7 @@ def compute_importance(
     num_tokens = int(batches.numel() if mask is None else mask.sum())
     finalize = lambda t: _finalize(t, num_sequences, batch_agg).cpu()  # noqa: E731
     meta.update(
-        criterion="activation", teacher_arch=arch.name, batch_agg=batch_agg, seq_agg=seq_agg,
+        criterion="activation", teacher_arch=arch.name, batch_agg=batch_agg, seq_agg=seq_agg, head_metric=head_metric,
         num_sequences=num_sequences, seq_len=int(batches.shape[1]), num_tokens=num_tokens,
         layer_metrics=layer_metrics, layer_loss=bool(options["loss_sequences"]), window_sizes=windows,
         loss_sequences=options["loss_sequences"] or None,
@@ -310,7 +331,7 @@ def compute_importance(
 # Meta keys that must match for a saved record to stand in for a new computation (device, dtype and batch size only
 # move scores by rounding, so they are recorded but not compared).
 REUSE_KEYS = (
-    "teacher_arch", "weights_fingerprint", "data_fingerprint", "batch_agg", "seq_agg", "layer_metrics",
+    "teacher_arch", "weights_fingerprint", "data_fingerprint", "batch_agg", "seq_agg", "head_metric", "layer_metrics",
     "layer_loss", "window_sizes", "loss_sequences",
 )
 

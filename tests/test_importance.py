@@ -54,6 +54,19 @@ def test_zero_contribution_units_score_lowest() -> None:
     assert int(scores.channels.argmin()) == 7 and scores.channels[7] == 0
 
 
+def test_head_with_zeroed_o_proj_columns_scores_lowest() -> None:
+    model = tiny_model("qwen2")
+    d = model.config.head_dim
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 3 * d : 4 * d].zero_()  # head 3 writes nothing
+    scores = compute_importance(model, _batches(), layer_metrics=False)
+    assert int(scores.heads[0].argmin()) == 3 and scores.heads[0, 3] == 0 and scores.heads[0, :3].min() > 0
+    paper = compute_importance(model, _batches(), layer_metrics=False, head_metric="attn_output")
+    assert paper.heads[0, 3] > 0  # the pre-o_proj norm cannot see it
+    with pytest.raises(UserError, match="--head-metric must be one of"):
+        compute_importance(model, _batches(), head_metric="gradient")
+
+
 def test_aggregations_on_a_hand_made_case() -> None:
     # two sequences of per-token values for one unit: [1, 3] and [0, 0]; second sequence has one padding token
     values = torch.tensor([[[1.0], [3.0]], [[4.0], [100.0]]])  # [B=2, T=2, U=1]

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="document order seed (default: 0)")
     parser.add_argument("--batch-agg", default="l2", help="across sequences: l2 or mean (default: l2)")
     parser.add_argument("--seq-agg", default="mean", help="over a sequence's tokens: mean or l2 (default: mean)")
+    parser.add_argument("--head-metric", default="contribution",
+                        help="contribution: norm of each head's o_proj output (default); attn_output: norm of its "
+                             "attention output before o_proj (the Minitron papers')")
     parser.add_argument("--no-layer-metrics", dest="layer_metrics", action="store_false",
                         help="width scores only: no block importance, no layer-removal losses")
     parser.add_argument("--no-layer-loss", dest="layer_loss", action="store_false",
@@ -103,6 +106,7 @@ def _expected_meta(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict
                                              args.seed, args.text_column),
         "batch_agg": args.batch_agg,
         "seq_agg": args.seq_agg,
+        "head_metric": args.head_metric,
         "layer_metrics": args.layer_metrics,
         "layer_loss": layer_loss,
         "window_sizes": [k for k in args.window_sizes if k < num_layers] if layer_loss else [],
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                              args.text_column)  # [N, T]
     scores = compute_importance(
         model, batches, batch_size=args.batch_size, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
-        layer_metrics=args.layer_metrics, layer_loss=expected["layer_loss"], window_sizes=expected["window_sizes"],
+        head_metric=args.head_metric, layer_metrics=args.layer_metrics, layer_loss=expected["layer_loss"], window_sizes=expected["window_sizes"],
         loss_sequences=args.loss_samples, progress=True,
     )
     meta = dict(scores.meta, **expected, teacher=args.teacher, data=args.data, seed=args.seed, device=device,
