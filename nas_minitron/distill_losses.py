@@ -5,7 +5,7 @@ float32 whatever the autocast dtype, and averaged over positions (summed over th
 
 Top-k sparse KD and the tail: the teacher is known only on its k most likely tokens. The tail outside the top-k is
 kept as one explicit "rest" bucket: the teacher's rest mass is 1 - sum(top-k probabilities), the student's is
-its probability of every token outside the teacher's top-k (an exact logsumexp over the masked logits). The loss
+its probability of every token outside the teacher's top-k (1 - its top-k mass, floored at 1e-6). The loss
 is the exact forward KL between these two (k+1)-outcome distributions: it matches the tail's total mass, not its
 shape, and is a lower bound of the full KL (equal when the teacher's tail mass is zero). With a temperature
 T != 1 the teacher's (k+1) log-probabilities are divided by T and renormalized, i.e. the rest bucket is tempered
@@ -60,13 +60,15 @@ def topk_forward_kl(
 
     t = float(temperature)
     indices = teacher_indices.long()  # [B, T, k]
-    log_q_all = F.log_softmax(student_logits.float() / t, dim=-1)  # [B, T, V]
-    log_q_top = log_q_all.gather(-1, indices)  # [B, T, k]
-    if indices.shape[-1] >= student_logits.shape[-1]:  # k = V: no tail, the full KL
+    scaled = student_logits.float() if t == 1.0 else student_logits.float() / t  # [B, T, V]
+    if indices.shape[-1] >= scaled.shape[-1]:  # k = V: no tail, the full KL
         log_p = F.log_softmax(teacher_logprobs.float() / t, dim=-1)
+        log_q_top = F.log_softmax(scaled, dim=-1).gather(-1, indices)
         return (log_p.exp() * (log_p - log_q_top)).sum(-1).mean() * (t * t)
-    masked = (student_logits.float() / t).scatter(-1, indices, float("-inf"))  # [B, T, V]
-    log_q_rest = torch.logsumexp(masked, -1) - torch.logsumexp(student_logits.float() / t, -1)  # [B, T]
+    # One V-sized pass (as in plain LM training); the student's rest mass is 1 - its top-k mass, clamped at
+    # 1e-6 so that float32 rounding never takes the log of 0 (a rest below 1e-6 reads as 1e-6).
+    log_q_top = F.log_softmax(scaled, dim=-1).gather(-1, indices)  # [B, T, k]
+    log_q_rest = torch.log1p(-log_q_top.exp().sum(-1).clamp(max=1.0 - 1e-6))  # [B, T]
 
     log_p_top = teacher_logprobs.float()  # [B, T, k], log-probabilities at T = 1
     p_rest = (1.0 - log_p_top.exp().sum(-1)).clamp(min=0.0)  # [B, T]; fp16 storage can overshoot 1

@@ -12,6 +12,7 @@ an FSDP-sharded student needs a full-state-dict gather that this module does not
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -36,8 +37,6 @@ def ray_env() -> dict[str, str]:
 
 def _restore(checkpoint_dir: Path) -> bool:
     """Copy the job's latest reported checkpoint into this worker's checkpoint_dir; True when there was one."""
-    import json
-
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -92,7 +91,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
     )
     if rank == 0 and loop["out_dir"]:
         getattr(student, "module", student).save_pretrained(loop["out_dir"])
-        Path(loop["out_dir"], "distill.json").write_text(__import__("json").dumps(result.to_dict(), indent=1))
+        Path(loop["out_dir"], "distill.json").write_text(json.dumps(result.to_dict(), indent=1))
 
 
 def distill_ray(
@@ -116,8 +115,6 @@ def distill_ray(
     Call after `ray.init` (or let Ray start a local cluster); the caller owns the cluster. `out_dir`, when
     given, receives rank 0's final student (on a shared filesystem in a multi-node cluster).
     """
-    import json
-
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -29,8 +29,8 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
     parser.add_argument("--warmup-fraction", type=float, default=0.05, help="warmup share of steps (default: 0.05)")
-    parser.add_argument("--eval-every-tokens", type=int, default=0,
-                        help="validate and checkpoint every this many tokens (default: start and end only)")
+    parser.add_argument("--eval-every-tokens", type=int, default=None,
+                        help="validate and checkpoint every this many tokens (default: a tenth of --tokens)")
     parser.add_argument("--val-sequences", type=int, default=16, help="held-out validation sequences (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation (default: 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -60,7 +60,8 @@ def config_from_args(args: argparse.Namespace, dtype: str, **fields: Any) -> Dis
 
     return DistillConfig(
         num_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, warmup_fraction=args.warmup_fraction, eval_every_tokens=args.eval_every_tokens,
+        lr=args.lr, warmup_fraction=args.warmup_fraction,
+        eval_every_tokens=args.eval_every_tokens if args.eval_every_tokens is not None else max(1, args.tokens // 10),
         num_val_sequences=args.val_sequences, seed=args.seed, dtype=dtype,
         grad_checkpointing=args.grad_checkpointing, keep_last_k=args.keep_last_k, **fields,
     )
