@@ -63,7 +63,7 @@ class SearchSettings:
     """teacher-logit cache keeps the top-k log-probs per token (0: trials run the teacher instead)"""
     eval_tasks: str = "pydoc_next_sentence"
     """lm-eval tasks for the winners and the teacher (comma-separated, or 'minitron' when online)"""
-    eval_limit: int | None = 200
+    eval_limit: int | None = 40
     """items per eval task (None: all)"""
     sampler: str = "auto"
     """auto (TPE, NSGA-II for several objectives), tpe, nsga2, random"""
