@@ -108,6 +108,26 @@ def _prepare(settings: SearchSettings, run_dir: Path, resume: bool) -> dict[str,
     return resolved
 
 
+def _lock(run_dir: Path):  # type: ignore[no-untyped-def]
+    """Hold an exclusive lock on the run directory: two searches writing one directory would corrupt it."""
+    import fcntl
+    import os
+
+    handle = (run_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"run directory {str(run_dir)!r} is in use by another search (pid {holder}).") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def _create(settings: SearchSettings, run_dir: Path, resolved: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", resolved)
@@ -126,10 +146,12 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
         search_stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
     if not resume:
         _create(settings, run_dir, resolved)
+    lock = _lock(run_dir)
     run = Run(settings, run_dir, resume, log)
     try:
         _run_stages(run)
     finally:
+        lock.close()
         import sys
 
         if "ray" in sys.modules:

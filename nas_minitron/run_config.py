@@ -1,6 +1,8 @@
 """`SearchSettings`: the resolved configuration of one `nas-minitron search` run.
 
-Defaults are CPU-sized for the embedded default (SmolLM2-135M + builtin data, ~15 minutes on 2 cores). A YAML file
+Defaults are CPU-sized for the embedded default (SmolLM2-135M + builtin data, ~15 minutes on 2 cores): far fewer
+calibration samples and distillation tokens than the papers use (1024 samples, billions of tokens); raise them on
+a GPU cluster. A YAML file
 (`--config run.yaml`) overrides the defaults and command-line flags override the YAML. The resolved settings are
 saved as `config.json` in the run directory; `--resume` refuses a directory made with different settings, except
 for the runtime keys (where and how fast it runs, not what it computes).
@@ -37,11 +39,11 @@ class SearchSettings:
     """keep at most this many candidates, closest to the budget first"""
     trials: int = 4
     """search trials (short distillations)"""
-    short_tokens: int = 8192
+    short_tokens: int = 4096
     """distillation tokens per trial"""
     winners: int = 1
     """candidates fully distilled and evaluated"""
-    full_tokens: int = 16384
+    full_tokens: int = 8192
     """distillation tokens per winner"""
     objectives: tuple[str, ...] = ("val_kl",)
     """minimized trial objectives: val_kl, val_loss, params, kv_bytes_per_token, flops_per_token"""
@@ -51,13 +53,13 @@ class SearchSettings:
     """sequences per step"""
     lr: float = 1e-4
     """peak learning rate of short and full distillation"""
-    calibration_samples: int = 64
+    calibration_samples: int = 32
     """calibration sequences for importance (the papers use 1024)"""
-    loss_sequences: int = 4
+    loss_sequences: int = 2
     """sequences on which layer-removal LM losses are measured"""
-    validation_sequences: int = 16
+    validation_sequences: int = 8
     """held-out sequences for validation metrics"""
-    evals_per_trial: int = 4
+    evals_per_trial: int = 3
     """validation points per short distillation (after step 0)"""
     topk: int = 64
     """teacher-logit cache keeps the top-k log-probs per token (0: trials run the teacher instead)"""

@@ -31,3 +31,14 @@ def tiny_teacher_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tiny_teacher_dirs: dict[str, Path]) -> Path:
     return tiny_teacher_dirs["llama"]
+
+
+@pytest.fixture
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """One torch thread: on a shared 2-core box, 2 threads per process ran tiny training steps up to 40x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from nas_minitron.errors import UserError
 SEQ_LEN = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One torch thread: on a shared 2-core box, 2 threads per process ran these tiny steps up to 40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _teacher():  # type: ignore[no-untyped-def]

@@ -10,13 +10,7 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One torch thread: on a shared 2-core box, 2 threads per process ran these tiny steps up to 40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Runs the real CLI in a subprocess. Until every module named in cli._COMMANDS exists on this branch (prune and

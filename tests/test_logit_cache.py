@@ -16,13 +16,7 @@ from nas_minitron.logit_cache import LogitCache, build_logit_cache
 SEQ_LEN = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One torch thread: on a shared 2-core box, 2 threads per process ran these tiny steps up to 40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(num: int, seed: int = 0) -> torch.Tensor:
