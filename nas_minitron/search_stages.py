@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.atomic import atomic_directory, write_json_atomic
+from nas_minitron.atomic import atomic_directory
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
