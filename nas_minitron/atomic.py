@@ -6,6 +6,7 @@ A crash or a bad input therefore never leaves a half-written output where a late
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 
 from nas_minitron.errors import UserError
 
-__all__ = ["atomic_directory", "check_output_dir", "write_json_atomic"]
+__all__ = ["atomic_directory", "check_output_dir", "file_sha256", "write_json_atomic"]
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -63,3 +64,12 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checksums in checkpoint and cache manifests)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

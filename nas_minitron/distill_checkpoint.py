@@ -8,7 +8,6 @@ fingerprint, student arch, and the sha256 of every other file, so that a truncat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -16,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.atomic import atomic_directory
+from nas_minitron.atomic import atomic_directory, file_sha256
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
@@ -36,14 +35,6 @@ def student_identity(student: PreTrainedModel) -> str:
 
     config = student.config.to_dict()
     return f"{config['model_type']}:{get_family(config['model_type']).arch_from_config(config).name}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,7 +91,7 @@ def save_checkpoint(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch_rng},
             tmp / "trainer.pt",
         )
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         record = {"format_version": FORMAT_VERSION, **state, "rng": json_rng, "files": files}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")  # last: its presence marks completion
     for old in _step_dirs(Path(checkpoint_dir))[:-keep_last_k]:
@@ -132,7 +123,7 @@ def _read_verified(path: Path) -> dict[str, Any]:
                         f"expected {FORMAT_VERSION}.")
     for name, digest in state.get("files", {}).items():
         file = path / name
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or file_sha256(file) != digest:
             raise UserError(f"checkpoint {str(path)!r} is truncated or corrupted: {name} is missing or altered.")
     return state
 

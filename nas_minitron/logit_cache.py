@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.atomic import atomic_directory
+from nas_minitron.atomic import atomic_directory, file_sha256
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
@@ -44,14 +44,6 @@ def teacher_fingerprint(teacher: PreTrainedModel) -> str:
     digest = hashlib.sha256(teacher.config.to_json_string(use_diff=False).encode())
     embed = teacher.get_input_embeddings().weight.detach().float().cpu().contiguous()
     digest.update(embed.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -97,7 +89,7 @@ class LogitCache:
                             f"expected {FORMAT_VERSION}.")
         for entry in manifest["files"].values():
             path = root / entry["file"]
-            if not path.is_file() or (verify and _sha256(path) != entry["sha256"]):
+            if not path.is_file() or (verify and file_sha256(path) != entry["sha256"]):
                 raise UserError(f"logit cache {str(root)!r}: {entry['file']} is missing, truncated or altered.")
         load = lambda name: np.load(root / manifest["files"][name]["file"], mmap_mode="r")  # noqa: E731
         shards = range(len(manifest["shards"]))
@@ -189,6 +181,6 @@ def build_logit_cache(
                 manifest["files"][f"{kind}-{shard}"] = {"file": name, "shape": [stop - start, seq_len, topk],
                                                        "dtype": dtype_name}
         for entry in manifest["files"].values():
-            entry["sha256"] = _sha256(tmp / entry["file"])
+            entry["sha256"] = file_sha256(tmp / entry["file"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return LogitCache.open(out_dir, verify=False)
