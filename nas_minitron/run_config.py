@@ -59,8 +59,8 @@ class SearchSettings:
     """sequences on which layer-removal LM losses are measured"""
     validation_sequences: int = 8
     """held-out sequences for validation metrics"""
-    evals_per_trial: int = 3
-    """validation points per short distillation (after step 0)"""
+    evals_per_trial: int = 2
+    """validation points after step 0 of each distillation, short and full (fewer if it has fewer steps)"""
     topk: int = 64
     """teacher-logit cache keeps the top-k log-probs per token (0: trials run the teacher instead)"""
     eval_tasks: str = "pydoc_next_sentence"

@@ -19,6 +19,7 @@ from nas_minitron.errors import UserError
 if TYPE_CHECKING:
     from nas_minitron.pipeline import Run
     from nas_minitron.run_config import SearchSettings
+    from nas_minitron.trials import TrialSpec
 
 __all__ = ["candidates", "distill_winners", "evaluate", "importance", "logit_cache", "report", "trials", "winners"]
 
@@ -144,39 +145,54 @@ def logit_cache(run: Run) -> dict[str, Any]:
 
 
 # ---- trials --------------------------------------------------------------------------------------------------------
+def eval_every_tokens(s: SearchSettings, num_tokens: int) -> int:
+    """Validate every this many tokens so that a distillation of `num_tokens` has at most `evals_per_trial`
+    validation points after step 0 (fewer when it has fewer optimizer steps); the last step is always validated."""
+    tokens_per_step = s.seq_len * s.batch_size
+    num_steps = max(1, num_tokens // tokens_per_step)
+    return tokens_per_step * max(1, math.ceil(num_steps / s.evals_per_trial))
+
+
 def _short_distill_config(run: Run) -> dict[str, Any]:
     from nas_minitron.distill_config import DistillConfig
 
     s = run.settings
     return DistillConfig(
         num_tokens=s.short_tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr,
-        eval_every_tokens=max(s.seq_len * s.batch_size, s.short_tokens // s.evals_per_trial),
+        eval_every_tokens=eval_every_tokens(s, s.short_tokens),
         num_val_sequences=s.validation_sequences, seed=s.seed, topk=s.topk if s.topk > 0 else 0,
         dtype="bf16" if s.gpus_per_trial > 0 else "float32",
     ).to_dict()
 
 
-def trials(run: Run) -> dict[str, Any]:
+def trial_spec(run: Run) -> TrialSpec:
+    """What every trial of this run shares, by path (also used by benchmarks/bench_search_vs_exhaustive.py)."""
     from nas_minitron.teacher import resolve_teacher_dir
-    from nas_minitron.trials import RayOptions, TrialSpec, run_trials, trial_rows
+    from nas_minitron.trials import TrialSpec
 
     s = run.settings
-    names = tuple(r["name"] for r in _candidate_rows(run))
     num_short = _num_train_sequences(run, s.short_tokens)
-    spec = TrialSpec(
+    return TrialSpec(
         run_dir=str(run.dir.resolve()),
         teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir),
         importance_dir=str(run.path("importance").resolve()),
         train_path=str(_short_train(run, num_short).resolve()),
         val_path=str(run.path("data", "validation.safetensors").resolve()),
         logit_cache_dir=str(run.path("logit_cache").resolve()) if s.topk > 0 else None,
-        candidates=names,
+        candidates=tuple(r["name"] for r in _candidate_rows(run)),
         head_dim=int(run.config["head_dim"]),
         distill=_short_distill_config(run),
         objectives=tuple(s.objectives),
         cpus_per_trial=s.cpus_per_trial,
         gpus_per_trial=s.gpus_per_trial,
     )
+
+
+def trials(run: Run) -> dict[str, Any]:
+    from nas_minitron.trials import RayOptions, run_trials, trial_rows
+
+    s = run.settings
+    spec = trial_spec(run)
     options = RayOptions(address=s.ray_address, max_concurrent=s.max_concurrent, sampler=s.sampler, asha=s.asha,
                          seed=s.seed, storage_url=s.storage)
     baselines = run.stage_info("candidates").get("baselines", [])
@@ -267,7 +283,7 @@ def distill_winners(run: Run) -> dict[str, Any]:
     device = run.device()
     config = DistillConfig(
         num_tokens=s.full_tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr,
-        eval_every_tokens=max(s.seq_len * s.batch_size, s.full_tokens // 4), num_val_sequences=s.validation_sequences,
+        eval_every_tokens=eval_every_tokens(s, s.full_tokens), num_val_sequences=s.validation_sequences,
         seed=s.seed, dtype="bf16" if device == "cuda" else "float32",
     )
     results = {}

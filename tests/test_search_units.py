@@ -109,3 +109,23 @@ def test_failed_and_errored_trials_are_fail_in_optuna(tmp_path: Path) -> None:
     states = {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
     assert states == {"ok": "COMPLETE", "nan": "FAIL", "crash": "FAIL"}
     assert optuna_numbers(study_storage_url(tmp_path, None)) == {"ok": 0, "nan": 1, "crash": 2}
+
+
+@pytest.mark.parametrize(("num_steps", "evals", "expected"), [
+    (4, 2, [0, 2, 4]), (8, 2, [0, 4, 8]), (4, 3, [0, 2, 4]), (5, 2, [0, 3, 5]), (3, 10, [0, 1, 2, 3]), (1, 2, [0, 1]),
+])
+def test_distillations_validate_at_most_evals_per_trial_times(num_steps: int, evals: int, expected: list[int]) -> None:
+    """The trainer's real schedule for the interval the search computes: step 0, then <= evals points, last included."""
+    import torch
+    from tiny_models import tiny_model
+
+    from nas_minitron.distill import DistillConfig, distill
+    from nas_minitron.search_stages import eval_every_tokens
+
+    seq_len, batch = 8, 2
+    s = SearchSettings(seq_len=seq_len, batch_size=batch, evals_per_trial=evals)
+    config = DistillConfig(num_tokens=num_steps * seq_len * batch, seq_len=seq_len, batch_size=batch, lr=1e-3,
+                           eval_every_tokens=eval_every_tokens(s, num_steps * seq_len * batch), num_val_sequences=2)
+    data = torch.randint(0, 1024, (num_steps * batch, seq_len), generator=torch.Generator().manual_seed(0))
+    result = distill(tiny_model("llama", seed=1), data, data[:2], config, teacher=tiny_model("llama", seed=0))
+    assert [p.step for p in result.curve] == expected
