@@ -90,6 +90,25 @@ def _all_reduce_grads(module: Any) -> None:
             param.grad.div_(world)
 
 
+def _same_on_all_ranks(val_loss: float, val_kl: float, train_loss: float) -> tuple[float, float, float]:
+    """Rank 0's validation metrics and the mean training loss over ranks, on every rank (unchanged in one process).
+
+    All ranks validate on the same sequences; the broadcast makes every rank act on bit-identical metrics. A rank's
+    training loss covers its share of the global batch only; their mean is the global batch's loss.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = _world_size()
+    if world == 1:
+        return val_loss, val_kl, train_loss
+    val = torch.tensor([val_loss, val_kl], dtype=torch.float64)
+    dist.broadcast(val, src=0)
+    train = torch.tensor([train_loss], dtype=torch.float64)
+    dist.all_reduce(train)
+    return val[0].item(), val[1].item(), train.item() / world
+
+
 def _is_rank_zero() -> bool:
     import torch.distributed as dist
 
@@ -182,12 +201,14 @@ def distill(
     micro-batches [B, T] that yields the same batches each pass. With a logit cache the cache supplies the
     training targets and the teacher (if given) only the validation KL. `layer_map[i]` is the teacher layer
     matched to student layer i by the intermediate-state loss (default: evenly spaced). `student` may be wrapped in
-    DistributedDataParallel; only rank 0 writes checkpoints. Raises NonFiniteLossError on a NaN/Inf loss.
+    DistributedDataParallel or sharded with FSDP2 (`nas_minitron.fsdp.shard_student`); every rank must then pass
+    the same `checkpoint_dir` (or None) and only rank 0 writes checkpoints (of the whole student, gathered).
+    Raises NonFiniteLossError on a NaN/Inf loss.
     """
     from nas_minitron.distill_losses import evenly_spaced_layer_map
     from nas_minitron.distill_objective import build_objective
 
-    model = getattr(student, "module", student)  # the HF model under a DDP wrapper
+    model = getattr(student, "module", student)  # the HF model under a DDP wrapper (FSDP2 shards it in place)
     _check_inputs(model, teacher, logit_cache, config, val_sequences)
     _seed(config.seed)
     if config.is_loss != "none" and layer_map is None:
@@ -210,7 +231,10 @@ class _Run:
                  teacher: Any, cache: Any) -> None:
         import torch
 
+        from nas_minitron.fsdp import is_sharded
+
         self.student, self.model, self.objective, self.config = student, model, objective, config
+        self.sharded = is_sharded(model)
         self.device, self.teacher, self.cache = device, teacher, cache
         self.tokens_per_step = config.tokens_per_micro_batch * config.grad_accum * _world_size()
         self.num_steps = max(1, config.num_tokens // self.tokens_per_step)
@@ -225,7 +249,8 @@ class _Run:
         self.wall_s_before = 0.0
         self.resumed_from: int | None = None
         self.started = time.perf_counter()
-        self.checkpoint_dir: Path | None = None
+        self.checkpoint_dir: Path | None = None  # where this rank writes (None off rank 0)
+        self.checkpointing = False  # whether the run checkpoints at all (the same on every rank)
         if config.grad_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
@@ -239,7 +264,7 @@ class _Run:
         """Resume from the newest checkpoint, or validate at step 0 (refusing to overwrite old checkpoints)."""
         from nas_minitron.distill_checkpoint import latest_checkpoint, load_checkpoint
 
-        self.checkpoint_dir = write_dir
+        self.checkpoint_dir, self.checkpointing = write_dir, read_dir is not None
         latest = latest_checkpoint(read_dir)
         if latest is not None and not resume:
             raise UserError(f"checkpoint directory {str(read_dir)!r} already holds {latest.name}; "
@@ -263,6 +288,7 @@ class _Run:
         val_loss, val_kl = validate(self.student, val, self.teacher, self.cache, self.config.batch_size,
                                     self.autocast)
         train_loss = self.loss_sum / self.loss_count if self.loss_count else math.nan
+        val_loss, val_kl, train_loss = _same_on_all_ranks(val_loss, val_kl, train_loss)
         self.loss_sum, self.loss_count = 0.0, 0
         point = EvalPoint(self.step, self.step * self.tokens_per_step, val_loss, val_kl, train_loss, self.wall_s())
         self.curve.append(point)
@@ -270,7 +296,12 @@ class _Run:
 
     def _checkpoint(self, on_checkpoint: Any) -> None:
         from nas_minitron.distill_checkpoint import save_checkpoint, student_identity
+        from nas_minitron.fsdp import full_optimizer_state, full_student_state
 
+        full: dict[str, Any] = {}
+        if self.sharded and self.checkpointing:  # a collective: every rank gathers, rank 0 receives
+            full = {"student_state": full_student_state(self.model),
+                    "optimizer_state": full_optimizer_state(self.model, self.objective, self.optimizer)}
         if self.checkpoint_dir is None:
             return
         state = {
@@ -286,13 +317,15 @@ class _Run:
             "student": student_identity(self.model),
         }
         path = save_checkpoint(self.checkpoint_dir, self.step, self.model, self.objective, self.optimizer,
-                               self.scheduler, state, self.config.keep_last_k)
+                               self.scheduler, state, self.config.keep_last_k, **full)
         if on_checkpoint is not None:
             on_checkpoint(path)
 
     def _train_step(self, stream: _BatchStream) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss."""
         import torch
+
+        from nas_minitron.fsdp import clip_grad_norm_
 
         self.student.train()
         total = 0.0
@@ -309,7 +342,8 @@ class _Run:
         _all_reduce_grads(self.objective)  # DDP syncs the student's gradients, not the projection's
         if self.config.clip_norm:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
+            clip = clip_grad_norm_ if self.sharded else torch.nn.utils.clip_grad_norm_  # the global norm of shards
+            clip(params, self.config.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,9 @@ Each holds the student as a Hugging Face safetensors directory (`student/`), the
 (`objective.safetensors`), optimizer + scheduler + torch RNG state (`trainer.pt`, torch.save of plain state dicts,
 loaded with weights_only=True) and `state.json`: step, data position, curve so far, python/numpy RNG, config
 fingerprint, student arch, and the sha256 of every other file, so that a truncated checkpoint is refused.
+
+An FSDP-sharded student is saved whole: its weights and optimizer state are gathered to rank 0 first (the optimizer
+state then keyed by parameter name, not position), so that `student/` loads with stock `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -76,19 +79,27 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last_k: int,
+    *,
+    student_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically, then delete all but the newest `keep_last_k`."""
+    """Write one checkpoint atomically, then delete all but the newest `keep_last_k`.
+
+    An FSDP-sharded student passes its gathered full states (`nas_minitron.fsdp`): `student_state` is saved instead
+    of the live (sharded) weights, `optimizer_state` (keyed by FQN) instead of `optimizer.state_dict()`.
+    """
     import torch
     from safetensors.torch import save_file
 
     final = Path(checkpoint_dir) / f"step-{step:08d}"
     torch_rng, json_rng = _rng_state()
     with atomic_directory(final, overwrite=True) as tmp:
-        student.save_pretrained(tmp / "student")
+        student.save_pretrained(tmp / "student", state_dict=student_state)
         tensors = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
         save_file(tensors, tmp / "objective.safetensors")
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch_rng},
+            {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+             "scheduler": scheduler.state_dict(), "rng": torch_rng},
             tmp / "trainer.pt",
         )
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -140,6 +151,8 @@ def load_checkpoint(
     import torch
     from safetensors.torch import load_file
 
+    from nas_minitron.fsdp import is_sharded, load_full_optimizer, load_full_student
+
     state = _read_verified(path)
     identity = student_identity(student)
     if state.get("student") != identity:
@@ -151,14 +164,25 @@ def load_checkpoint(
     weights: dict[str, torch.Tensor] = {}
     for file in sorted((path / "student").glob("*.safetensors")):
         weights.update(load_file(file))
-    missing, unexpected = student.load_state_dict(weights, strict=False)
+    trainer = torch.load(path / "trainer.pt", weights_only=True)
+    # An FSDP run writes the full optimizer state keyed by parameter name, any other run keyed by position.
+    by_name = any(isinstance(i, str) for group in trainer["optimizer"]["param_groups"] for i in group["params"])
+    if is_sharded(student) and not by_name:
+        raise UserError(f"checkpoint {str(path)!r} was written by a single-process or DDP run; resume it with "
+                        f"strategy 'ddp' or in one process, not with FSDP.")
+    if by_name:  # shards full states into an FSDP student, and fills a plain one too
+        missing, unexpected = load_full_student(student, weights)
+    else:
+        missing, unexpected = student.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and student.config.tie_word_embeddings}
     if unexpected or set(missing) - tied:
         raise UserError(f"checkpoint {str(path)!r} does not fit this student: missing {sorted(set(missing) - tied)}, "
                         f"unexpected {sorted(unexpected)}.")
     objective.load_state_dict(load_file(path / "objective.safetensors"))
-    trainer = torch.load(path / "trainer.pt", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    if by_name:
+        load_full_optimizer(student, objective, optimizer, trainer["optimizer"])
+    else:
+        optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"], state["rng"])
     return state

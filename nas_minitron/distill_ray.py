@@ -1,13 +1,20 @@
-"""Scale-out: the same `distill()` as a Ray Train `TorchTrainer` job, DDP across N workers (gloo on CPU, NCCL on GPU).
+"""Scale-out: the same `distill()` as a Ray Train `TorchTrainer` job across N workers (gloo on CPU, NCCL on GPU).
 
 Each worker loads the student (and the teacher, or opens the shared logit cache) itself, takes every N-th training
-sequence (rank r: rows r, r+N, ...), wraps the student with `ray.train.torch.prepare_model` and calls `distill()`.
-Every validation point is reported by all workers (`ray.train.report` is a barrier); rank 0 attaches its checkpoint,
-and a restarted job resumes from `ray.train.get_checkpoint()`.
+sequence (rank r: rows r, r+N, ...), wraps the student and calls `distill()`. Every validation point is reported
+by all workers (`ray.train.report` is a barrier); rank 0 attaches its checkpoint, and a restarted job resumes from
+`ray.train.get_checkpoint()`.
 
-Tested: DDP on CPU with 2 gloo workers. `strategy="fsdp"` is passed through to `prepare_model` (for a student whose
-weights + optimizer state do not fit one device) but is untested here, and its checkpoints are not written: saving
-an FSDP-sharded student needs a full-state-dict gather that this module does not do yet.
+`strategy="ddp"`: `ray.train.torch.prepare_model` wraps the student in DistributedDataParallel.
+`strategy="fsdp"`, for a student whose weights + optimizer state do not fit one device: FSDP2 (`fully_shard` per
+decoder layer and on the root, `nas_minitron.fsdp`), not Ray's FSDP1 wrapper. Gradients are clipped by the global
+norm over all shards; checkpoints and `out_dir` hold the whole student, gathered to rank 0's CPU memory
+(`from_pretrained`-loadable), with the full optimizer state keyed by parameter name, so an FSDP run resumes.
+The teacher is not sharded: every worker holds a full copy.
+
+Tested on CPU with 2 gloo workers: each strategy against one process over the same global batches
+(tests/test_distill_ray.py), and FSDP resume bit-exact with `distill()` in 2 gloo processes without Ray
+(tests/test_fsdp.py). Not tested: NCCL on GPUs, and a Ray job restarted from its checkpoint.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM
 
     from nas_minitron.distill import distill
+    from nas_minitron.fsdp import full_student_state, shard_student
     from nas_minitron.logit_cache import LogitCache
 
     context = ray.train.get_context()
@@ -63,7 +71,11 @@ def _train_loop(loop: dict[str, Any]) -> None:
     torch.set_num_threads(loop["threads_per_worker"])
     device = ray.train.torch.get_device()
     student = AutoModelForCausalLM.from_pretrained(loop["student_dir"], dtype=torch.float32)
-    student = ray.train.torch.prepare_model(student, parallel_strategy=loop["strategy"])
+    sharded = loop["strategy"] == "fsdp"
+    if sharded:  # FSDP2 per decoder layer; Ray's prepare_model would wrap with FSDP1
+        shard_student(student.to(device), device.type)
+    else:
+        student = ray.train.torch.prepare_model(student, parallel_strategy="ddp")
     teacher = None
     if loop["teacher_dir"]:
         teacher = AutoModelForCausalLM.from_pretrained(loop["teacher_dir"], dtype=torch.float32).to(device).eval()
@@ -84,13 +96,16 @@ def _train_loop(loop: dict[str, Any]) -> None:
         loop["config"],
         teacher=teacher,
         logit_cache=cache,
-        checkpoint_dir=checkpoint_dir if loop["strategy"] == "ddp" else None,
+        checkpoint_dir=checkpoint_dir,
         resume=resume,
         on_eval=on_eval,
         on_checkpoint=lambda path: written.__setitem__("path", path),
     )
-    if rank == 0 and loop["out_dir"]:
-        getattr(student, "module", student).save_pretrained(loop["out_dir"])
+    if not loop["out_dir"]:
+        return
+    state = full_student_state(student) if sharded else None  # a collective: every rank gathers, rank 0 receives
+    if rank == 0:
+        getattr(student, "module", student).save_pretrained(loop["out_dir"], state_dict=state)
         Path(loop["out_dir"], "distill.json").write_text(json.dumps(result.to_dict(), indent=1))
 
 
