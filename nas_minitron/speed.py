@@ -2,9 +2,10 @@
 
 Usable as a report axis and as a search objective. Timings are wall-clock on whatever device the model runs on;
 peak memory is `torch.cuda.max_memory_allocated` on CUDA (exact, tensors only) and, on CPU, the peak resident set
-size above the pre-measurement level, sampled every millisecond from /proc/self/statm (approximate: it includes
-allocator caching and anything else the process allocates meanwhile). Where /proc is missing it falls back to the
-growth of the process's lifetime peak RSS (`ru_maxrss`), which reads 0 if an earlier step already went higher.
+size above the pre-measurement level, sampled every millisecond from /proc/self/statm after the C heap's free
+pages are returned to the OS (glibc `malloc_trim`); approximate: it includes anything else the process allocates
+meanwhile. Where /proc is missing it falls back to the growth of the process's lifetime peak RSS (`ru_maxrss`),
+which reads 0 if an earlier step already went higher.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class _PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             self.method = "cuda_max_memory_allocated"
         elif os.path.exists("/proc/self/statm"):
+            _trim_heap()  # freed-but-cached heap pages would otherwise absorb the growth and hide it
             self._start = self._rss_bytes()
             self._max = self._start
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -110,6 +112,24 @@ class _PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
             self._max = max(self._max, self._rss_bytes())
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    A process that has already run bigger steps (a search driver after distillation) keeps their freed memory in
+    malloc's arenas; a new allocation reuses it without raising RSS, and the sampled peak would read ~0.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _sync(device: torch.device) -> None:

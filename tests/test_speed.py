@@ -43,3 +43,20 @@ def test_measure_speed_refuses_bad_shapes(bad: dict[str, int]) -> None:
     args = dict(batch_size=1, seq_len=4, device="cpu", num_decode_tokens=1) | bad
     with pytest.raises(UserError, match=next(iter(bad))):
         measure_speed(tiny_model("llama"), **args)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc/self/statm")
+def test_cpu_peak_memory_is_not_hidden_by_memory_the_heap_already_freed() -> None:
+    """A search driver measures speed after bigger steps freed memory into malloc's arenas; growth must still show."""
+    from nas_minitron.speed import _PeakMemory
+
+    chunk = 64 * 1024  # below glibc's mmap threshold: served from the heap
+    held, pins = [], []
+    for _ in range(3200):  # ~200 MiB of heap chunks, each pinned in place by a small allocation after it
+        held.append(bytearray(chunk))
+        pins.append(bytearray(1024))
+    del held  # freed holes the heap keeps (they cannot coalesce into the top and be trimmed automatically)
+    with _PeakMemory(torch.device("cpu")) as peak:
+        again = [bytearray(chunk) for _ in range(1600)]  # ~100 MiB, which fits in the holes
+    del again, pins
+    assert peak.method == "rss_sampled" and peak.peak_bytes > 50 * 2**20
