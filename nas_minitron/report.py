@@ -90,7 +90,11 @@ def _summary(section: Section, run_dir: Path, stages: pd.DataFrame, trials: pd.D
             facts[key] = ", ".join(map(str, value)) if isinstance(value, list) else value
     if trials is not None:
         facts["trial status"] = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
-    facts["started_at"], facts["finished_at"] = summary.get("started_at"), summary.get("finished_at")
+    facts["started_at"] = summary.get("started_at")
+    done = stages["finished_at"].dropna()
+    # The report is the last stage, so a run being reported is not finished yet: show when its last stage ended.
+    facts["finished_at"] = summary.get("finished_at") or (f"{done.max()} (stages before the report)" if len(done)
+                                                          else "not yet")
     facts["time spent (stages, s)"] = round(float(stages["wall_s"].fillna(0).sum()), 1)
     section.tables["summary"] = pd.DataFrame({"item": list(facts), "value": [str(v) for v in facts.values()]})
     section.tables["stages"] = stages
