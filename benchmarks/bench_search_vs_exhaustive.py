@@ -47,8 +47,7 @@ def _run_one(arch_name: str, spec: Any) -> dict[str, Any]:
     start = time.perf_counter()
     run_candidate(arch_name, spec, lambda metrics, _checkpoint: points.append(dict(metrics)), None)
     wall_s = time.perf_counter() - start
-    final = points[-1] if points else {}
-    return {"name": arch_name, "wall_s": wall_s, "final": final, "curve": points[:-1] if final.get("final") else points}
+    return {"name": arch_name, "wall_s": wall_s, "final": points[-1] if points else {}, "curve": points}
 
 
 def _ranks(values: list[float]) -> list[float]:

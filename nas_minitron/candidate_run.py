@@ -30,6 +30,7 @@ __all__ = ["Report", "load_sequences", "run_candidate", "trial_result_path"]
 
 Report = Callable[[dict[str, Any], "Path | None"], None]
 FAILED_KEY = "failed"
+FINAL_KEY = "final"  # set on a trial's last report only; a trial stopped early never sends it
 
 
 def trial_result_path(run_dir: str | os.PathLike[str], arch_name: str) -> Path:
@@ -76,7 +77,10 @@ def _maybe_kill(arch_name: str, spec: TrialSpec) -> None:
 
 
 def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | None) -> None:
-    """Distill `arch_name` for the spec's short budget, reporting validation metrics at every eval point."""
+    """Distill `arch_name` for the spec's short budget, reporting validation metrics at every eval point.
+
+    The report at the last step carries `final` (and is the last report); a trial stopped early never sends it.
+    """
     import torch
 
     from nas_minitron.distill import distill
@@ -87,30 +91,43 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
     done = trial_result_path(spec.run_dir, arch_name)
     if done.is_file():  # finished before (a re-proposal, or a trial restored after a driver crash): never rerun
         record = json.loads(done.read_text())
-        report({**record["final"], "reused_from": record["trial_dir"], "final": True}, None)
+        report({**record["final"], "reused_from": record["trial_dir"], FINAL_KEY: True}, None)
         return
     student = _student(arch_name, spec)
     params = sum(p.numel() for p in student.parameters())
     config = DistillConfig.from_dict(spec.distill)
-    base = {"arch": arch_name, "params": params, FAILED_KEY: False, "final": False}
+    base = {"arch": arch_name, "params": params, FAILED_KEY: False, FINAL_KEY: False}
     work = Path(tempfile.mkdtemp(prefix="nasm-trial-"))
+    curve: list[dict[str, Any]] = []
+    resumed_from = 0
     if resume_dir is not None:
         # Ray hands back the step directory's contents under a name of its own; the trainer looks for `step-*`
         # directories and reads the real step from the state inside.
         shutil.copytree(resume_dir, work / "step-00000000")
+        state = json.loads((resume_dir / "state.json").read_text())
+        resumed_from, curve = int(state["step"]), list(state["curve"])
     checkpoints: list[Path] = []
+    tokens_per_step = config.tokens_per_micro_batch * config.grad_accum
 
     def on_checkpoint(path: Path) -> None:  # distill checkpoints first, then calls on_eval for the same step
         checkpoints.append(path)
 
     def on_eval(point: EvalPoint) -> None:
         checkpoint = checkpoints.pop() if checkpoints else None  # none at step 0 (the untrained ranking)
-        report({**base, **point.to_dict()}, checkpoint)
+        curve.append(point.to_dict())
+        metrics = {**base, **point.to_dict()}
+        if point.step > 0 and point.num_tokens + tokens_per_step > config.num_tokens:
+            # The last step: this report is the trial's final one. A scheduler stops a trial as soon as it reports
+            # its whole budget (ASHA: time_attr >= max_t), so nothing may come after it; the result is kept first,
+            # so a re-proposal of this candidate is never retrained.
+            metrics.update({FINAL_KEY: True, "resumed_from_step": resumed_from})
+            write_json_atomic(done, {"arch": arch_name, "trial_dir": os.getcwd(), "final": metrics, "curve": curve})
+        report(metrics, checkpoint)
         if checkpoint is not None:
             _maybe_kill(arch_name, spec)
 
     try:
-        result = distill(
+        distill(
             student,
             load_sequences(spec.train_path),
             load_sequences(spec.val_path),
@@ -124,11 +141,5 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
     except NonFiniteLossError as err:
         # Ends the trial normally so Ray does not retry it; trials.py tells Optuna FAIL for `failed`.
         report({**base, FAILED_KEY: True, "error": str(err), "val_kl": float("inf"), "val_loss": float("inf")}, None)
-        return
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    final = {**base, **result.curve[-1].to_dict(), "final": True,
-             "resumed_from_step": result.resumed_from_step or 0}
-    write_json_atomic(done, {"arch": arch_name, "trial_dir": os.getcwd(), "final": final,
-                             "curve": [p.to_dict() for p in result.curve]})
-    report(final, None)

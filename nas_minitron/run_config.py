@@ -151,6 +151,9 @@ def _validate(s: SearchSettings) -> None:
         problems.append(f"objectives must be among {', '.join(OBJECTIVES)}, but got {list(s.objectives)!r}")
     if s.sampler not in ("auto", "tpe", "nsga2", "random"):
         problems.append(f"sampler must be auto, tpe, nsga2 or random, but got {s.sampler!r}")
+    if s.asha and len(s.objectives) > 1:
+        problems.append(f"asha stops trials on one objective, but got {len(s.objectives)} objectives "
+                        f"{list(s.objectives)!r}; drop --asha or give one objective")
     if s.winners > s.trials:
         problems.append(f"winners ({s.winners}) cannot exceed trials ({s.trials})")
     if s.device not in ("auto", "cpu", "cuda"):

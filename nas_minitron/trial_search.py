@@ -13,7 +13,7 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from nas_minitron.arch import ArchConfig
-from nas_minitron.candidate_run import FAILED_KEY
+from nas_minitron.candidate_run import FAILED_KEY, FINAL_KEY
 from nas_minitron.proposals import AXES, decode, param_name
 
 __all__ = ["CandidateSpace", "StudySearch"]
@@ -63,4 +63,6 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error or result is None or result.get(FAILED_KEY) or not self._finite(result):
             result, error = None, True
+        elif not result.get(FINAL_KEY):  # stopped early by the scheduler (ASHA): PRUNED, as Optuna's pruners say
+            result = None
         super().on_trial_complete(trial_id, result=result, error=error)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nas_minitron.arch import ArchConfig
-from nas_minitron.candidate_run import FAILED_KEY
+from nas_minitron.candidate_run import FAILED_KEY, FINAL_KEY
 from nas_minitron.errors import UserError
 from nas_minitron.proposals import encode
 
@@ -220,7 +220,8 @@ def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: S
         return results
     scheduler = None
     if options.asha and len(spec.objectives) == 1:
-        scheduler = ASHAScheduler(time_attr="num_tokens", max_t=int(spec.distill["num_tokens"]),
+        scheduler = ASHAScheduler(metric=spec.objectives[0], mode="min", time_attr="num_tokens",
+                                  max_t=int(spec.distill["num_tokens"]),
                                   grace_period=max(1, int(spec.distill["num_tokens"]) // 4), reduction_factor=2)
     tuner = tune.Tuner(
         trainable,
@@ -252,7 +253,7 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
         config = result.config or {}
         failed = bool(last.get(FAILED_KEY))
         status = "FAILED" if (result.error is not None or failed) else "COMPLETE"
-        if status == "COMPLETE" and not last.get("final"):
+        if status == "COMPLETE" and not last.get(FINAL_KEY):
             status = "PRUNED"  # stopped early by the scheduler
         first = frame.iloc[0].to_dict() if frame is not None and len(frame) else {}
         rows.append(

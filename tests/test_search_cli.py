@@ -219,3 +219,20 @@ def test_local_ray_listens_on_loopback_only() -> None:
     # 127.0.0.1 as /proc/net/tcp writes it, and as tcp6 writes ::ffff:127.0.0.1 and ::1
     loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
     assert found <= loopback, found
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # ASHA crashed on every use until this test existed
+def test_asha_stops_losers_early_and_they_never_win(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = search(tiny_teacher_dir, run_dir, "--asha", "--trials", "4", "--max-concurrent", "1",
+                    "--evals-per-trial", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = rows(run_dir / "trials.csv")
+    stopped = [t for t in trials if t["status"] == "PRUNED"]
+    complete = [t for t in trials if t["status"] == "COMPLETE"]
+    assert len(trials) == 4 and stopped and complete  # ASHA stopped at least one trial before its last step
+    assert all(int(t["num_tokens"]) < 256 for t in stopped) and all(int(t["num_tokens"]) == 256 for t in complete)
+    assert rows(run_dir / "winners.csv")[0]["name"] in {t["name"] for t in complete}
+    states = {t.user_attrs["ray_trial_id"]: t.state.name for t in study_trials(run_dir)}  # one per Ray trial
+    assert states == {t["trial_id"]: "PRUNED" if t["status"] == "PRUNED" else "COMPLETE" for t in trials}

@@ -57,6 +57,8 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
     assert (settings.trials, settings.short_tokens, settings.objectives) == (9, 1000, ("val_kl", "params"))
     with pytest.raises(UserError, match="objectives must be among"):
         resolve_settings(None, {"objectives": "val_kl,accuracy"})
+    with pytest.raises(UserError, match=r"asha stops trials on one objective, but got 2 objectives"):
+        resolve_settings(None, {"objectives": "val_kl,params", "asha": True})
     yaml_file.write_text("trails: 3\n")
     with pytest.raises(UserError, match=r"unknown settings \['trails'\]"):
         resolve_settings(yaml_file, {})
@@ -72,7 +74,7 @@ def _propose(seed: int, num_trials: int, tmp_path: Path) -> list[str]:
     tmp_path.mkdir()
     spec = TrialSpec(run_dir=str(tmp_path), teacher_dir="", importance_dir="", train_path="", val_path="",
                      logit_cache_dir=None, candidates=tuple(a.name for a in ARCHS), head_dim=16, distill={})
-    search = _search(spec, RayOptions(seed=seed), enqueue=[ARCHS[3].name])
+    search = _search(spec, RayOptions(seed=seed), enqueue=[ARCHS[3].name], num_trials=num_trials)
     search.set_search_properties(None, None, {})
     names = []
     for i in range(num_trials):
@@ -80,7 +82,7 @@ def _propose(seed: int, num_trials: int, tmp_path: Path) -> list[str]:
         names.append(config["arch"])
         arch = ArchConfig.parse(config["arch"], 16)
         loss = 1.0 / (arch.hidden_size * arch.intermediate_size)  # any deterministic objective
-        search.on_trial_complete(f"t{i}", {"val_kl": loss})
+        search.on_trial_complete(f"t{i}", {"val_kl": loss, "final": True})
     return names
 
 
@@ -98,17 +100,18 @@ def test_failed_and_errored_trials_are_fail_in_optuna(tmp_path: Path) -> None:
 
     spec = TrialSpec(run_dir=str(tmp_path), teacher_dir="", importance_dir="", train_path="", val_path="",
                      logit_cache_dir=None, candidates=tuple(a.name for a in ARCHS), head_dim=16, distill={})
-    search = _search(spec, RayOptions(), enqueue=[])
+    search = _search(spec, RayOptions(), enqueue=[], num_trials=3)
     search.set_search_properties(None, None, {})
-    for trial_id in ("ok", "nan", "crash"):
+    for trial_id in ("ok", "nan", "crash", "stopped"):
         search.suggest(trial_id)
-    search.on_trial_complete("ok", {"val_kl": 0.5})
+    search.on_trial_complete("ok", {"val_kl": 0.5, "final": True})
+    search.on_trial_complete("stopped", {"val_kl": 0.7, "final": False})  # ended by ASHA before its last step
     search.on_trial_complete("nan", {"val_kl": float("inf"), "failed": True})
     search.on_trial_complete("crash", {"val_kl": 0.1}, error=True)  # stock OptunaSearch would say COMPLETE
     study = optuna.load_study(study_name="nas-minitron", storage=study_storage_url(tmp_path, None))
     states = {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials}
-    assert states == {"ok": "COMPLETE", "nan": "FAIL", "crash": "FAIL"}
-    assert optuna_numbers(study_storage_url(tmp_path, None)) == {"ok": 0, "nan": 1, "crash": 2}
+    assert states == {"ok": "COMPLETE", "nan": "FAIL", "crash": "FAIL", "stopped": "PRUNED"}
+    assert optuna_numbers(study_storage_url(tmp_path, None)) == {"ok": 0, "nan": 1, "crash": 2, "stopped": 3}
 
 
 @pytest.mark.parametrize(("num_steps", "evals", "expected"), [
@@ -129,3 +132,16 @@ def test_distillations_validate_at_most_evals_per_trial_times(num_steps: int, ev
     data = torch.randint(0, 1024, (num_steps * batch, seq_len), generator=torch.Generator().manual_seed(0))
     result = distill(tiny_model("llama", seed=1), data, data[:2], config, teacher=tiny_model("llama", seed=0))
     assert [p.step for p in result.curve] == expected
+
+
+def test_every_setting_has_a_search_flag() -> None:
+    """A SearchSettings field without a flag could only be set through --config; the README names the flags."""
+    import argparse
+    import dataclasses
+
+    from nas_minitron.commands.search import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    search = parser.parse_args(["search"])
+    assert {f.name for f in dataclasses.fields(SearchSettings)} <= set(vars(search))

@@ -26,7 +26,9 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--batch-size": ("batch_size", int),
     "--lr": ("lr", float),
     "--calibration-samples": ("calibration_samples", int),
+    "--loss-sequences": ("loss_sequences", int),
     "--validation-sequences": ("validation_sequences", int),
+    "--evals-per-trial": ("evals_per_trial", int),
     "--topk": ("topk", int),
     "--eval-tasks": ("eval_tasks", str),
     "--eval-limit": ("eval_limit", int),
@@ -70,14 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the embedded default (smollm2-135m + builtin data) with CPU-sized defaults (~15 min on 2 cores). "
             "Flags override --config YAML; the resolved settings are saved in the run directory."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = SearchSettings()
     docs = _field_docs()
     for flag, (field, kind) in _FLAGS.items():
         default = getattr(defaults, field)
         shown = ",".join(default) if isinstance(default, tuple) else default
-        parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{docs.get(field, '')} (default: {shown})")
+        suffix = "" if default is None else f" (default: {shown})"  # a None default is described in the docstring
+        parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{docs.get(field, '')}{suffix}")
     parser.add_argument("--asha", dest="asha", action="store_const", const=True, default=None,
                         help=docs.get("asha", ""))
     parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
