@@ -64,6 +64,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nas_minitron.arch import ArchConfig
+    from nas_minitron.atomic import write_json_atomic
 
     run_dir = args.run_dir.resolve()
     config = json.loads((run_dir / "config.json").read_text())
@@ -94,11 +95,8 @@ def main() -> None:
                          "worst_rank": max(ranks), "mean_regret": statistics.mean(regrets),
                          "mean_distinct": statistics.mean(distinct),
                          "compute_fraction": statistics.mean(distinct) / len(table)})
-    out = run_dir / "exhaustive" / "sampler_simulation.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"objective": objective, "num_candidates": len(table), "best": ranked[0],
-                               "rows": rows}, indent=1))
-    tmp.replace(out)
+    write_json_atomic(run_dir / "exhaustive" / "sampler_simulation.json",
+                      {"objective": objective, "num_candidates": len(table), "best": ranked[0], "rows": rows})
     print(f"{len(table)} candidates, best {ranked[0]} ({objective} {best:.4f})\n")
     print("| sampler | trials | P(winner = best) | mean rank | worst rank | mean regret | distinct distilled |")
     print("|---|---|---|---|---|---|---|")

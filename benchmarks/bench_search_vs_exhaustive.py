@@ -22,9 +22,7 @@ Writes `<run-dir>/exhaustive/results.json` and `table.csv` (atomically) and prin
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import math
 import multiprocessing
@@ -50,42 +48,15 @@ def _run_one(arch_name: str, spec: Any) -> dict[str, Any]:
     return {"name": arch_name, "wall_s": wall_s, "final": points[-1] if points else {}, "curve": points}
 
 
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):  # average ranks over ties
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / var if var else float("nan")
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def load_run(run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The trial spec the search used, and its configuration."""
     from nas_minitron.pipeline import Run
-    from nas_minitron.run_config import SearchSettings
+    from nas_minitron.run_config import SearchSettings, resolve_settings
     from nas_minitron.search_stages import trial_spec
 
     config = json.loads((run_dir / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(SearchSettings)}
-    settings = SearchSettings(**{k: (tuple(v) if k == "objectives" else v) for k, v in config.items() if k in fields})
+    settings = resolve_settings(None, {k: v for k, v in config.items() if k in fields})  # as `--resume` reads it
     run = Run(settings, run_dir, resume=True, log=print)
     return trial_spec(run), config
 
@@ -100,11 +71,16 @@ def main() -> None:
     if not (run_dir / "stages" / "trials.json").is_file():
         raise SystemExit(f"{run_dir} has no finished trials stage; run the search first.")
 
+    import pandas as pd
+
+    from nas_minitron.report_plots import spearman
+    from nas_minitron.search_stages import read_csv, write_csv
+
     spec, config = load_run(run_dir)
     objective = config["objectives"][0]
-    names = [r["name"] for r in _read_csv(run_dir / "candidates.csv")][: args.limit]
-    search_rows = _read_csv(run_dir / "trials.csv")
-    search_winner = _read_csv(run_dir / "winners.csv")[0]["name"]
+    names = [r["name"] for r in read_csv(run_dir / "candidates.csv")][: args.limit]
+    search_rows = read_csv(run_dir / "trials.csv")
+    search_winner = read_csv(run_dir / "winners.csv")[0]["name"]
 
     scratch = Path(tempfile.mkdtemp(prefix="nasm-exhaustive-"))
     spec = dataclasses.replace(spec, run_dir=str(scratch))  # its own trial_results/: nothing is reused from the search
@@ -160,18 +136,15 @@ def main() -> None:
         "same_winner": search_winner == exhaustive_best,
         "search_winner_rank": next((t["rank"] for t in finite if t["name"] == search_winner), None),
         "searched_ranks": sorted(t["rank"] for t in finite if t["name"] in unique_searched),
-        "spearman_step0_vs_final": round(spearman([t[f"{objective}_step0"] for t in step0],
-                                                  [t[objective] for t in step0]), 4) if len(step0) > 2 else None,
+        "spearman_step0_vs_final": round(spearman(pd.Series({t["name"]: t[f"{objective}_step0"] for t in step0}),
+                                                  pd.Series({t["name"]: t[objective] for t in step0})), 4),
         "max_abs_diff_search_vs_rerun": max(repro.values()) if repro else None,
     }
     with atomic_directory(run_dir / "exhaustive", overwrite=True) as tmp:
         (tmp / "results.json").write_text(json.dumps({"summary": summary, "table": table, "results": results},
                                                      indent=1, default=str))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(table[0]) + ["rank"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(table)
-        (tmp / "table.csv").write_text(buffer.getvalue())
+        write_csv(tmp / "table.csv", table, ["name", "params", "wall_s", "num_tokens", f"{objective}_step0", objective,
+                                             "val_loss", "rank"])
 
     print(json.dumps(summary, indent=1))
     print(f"\n| rank | candidate | params | {objective} step 0 | {objective} end | searched |\n|---|---|---|---|---|---|")

@@ -107,7 +107,7 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
         state = json.loads((resume_dir / "state.json").read_text())
         resumed_from, curve = int(state["step"]), list(state["curve"])
     checkpoints: list[Path] = []
-    tokens_per_step = config.tokens_per_micro_batch * config.grad_accum
+    last_step = config.num_steps()  # trials run in one process
 
     def on_checkpoint(path: Path) -> None:  # distill checkpoints first, then calls on_eval for the same step
         checkpoints.append(path)
@@ -116,7 +116,7 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
         checkpoint = checkpoints.pop() if checkpoints else None  # none at step 0 (the untrained ranking)
         curve.append(point.to_dict())
         metrics = {**base, **point.to_dict()}
-        if point.step > 0 and point.num_tokens + tokens_per_step > config.num_tokens:
+        if point.step == last_step:
             # The last step: this report is the trial's final one. A scheduler stops a trial as soon as it reports
             # its whole budget (ASHA: time_attr >= max_t), so nothing may come after it; the result is kept first,
             # so a re-proposal of this candidate is never retrained.

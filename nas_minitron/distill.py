@@ -236,8 +236,8 @@ class _Run:
         self.student, self.model, self.objective, self.config = student, model, objective, config
         self.sharded = is_sharded(model)
         self.device, self.teacher, self.cache = device, teacher, cache
-        self.tokens_per_step = config.tokens_per_micro_batch * config.grad_accum * _world_size()
-        self.num_steps = max(1, config.num_tokens // self.tokens_per_step)
+        self.tokens_per_step = config.tokens_per_step(_world_size())
+        self.num_steps = config.num_steps(_world_size())
         every = config.eval_every_tokens // self.tokens_per_step if config.eval_every_tokens else self.num_steps
         self.eval_every_steps = max(1, every)
         self.optimizer = _optimizer(model, objective, config)

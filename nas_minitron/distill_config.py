@@ -107,6 +107,14 @@ class DistillConfig:
     def tokens_per_micro_batch(self) -> int:
         return self.batch_size * self.seq_len
 
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens one optimizer step consumes over all `world_size` workers."""
+        return self.tokens_per_micro_batch * self.grad_accum * world_size
+
+    def num_steps(self, world_size: int = 1) -> int:
+        """Optimizer steps the token budget buys (at least one); the last one is always validated."""
+        return max(1, self.num_tokens // self.tokens_per_step(world_size))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

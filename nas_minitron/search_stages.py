@@ -6,6 +6,7 @@ pipeline.py decides their order and resume; each stage reads what earlier stages
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -17,6 +18,7 @@ from nas_minitron.atomic import atomic_directory
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
+    from nas_minitron.distill_config import DistillConfig
     from nas_minitron.pipeline import Run
     from nas_minitron.run_config import SearchSettings
     from nas_minitron.trials import TrialSpec
@@ -145,24 +147,23 @@ def logit_cache(run: Run) -> dict[str, Any]:
 
 
 # ---- trials --------------------------------------------------------------------------------------------------------
-def eval_every_tokens(s: SearchSettings, num_tokens: int) -> int:
-    """Validate every this many tokens so that a distillation of `num_tokens` has at most `evals_per_trial`
-    validation points after step 0 (fewer when it has fewer optimizer steps); the last step is always validated."""
-    tokens_per_step = s.seq_len * s.batch_size
-    num_steps = max(1, num_tokens // tokens_per_step)
-    return tokens_per_step * max(1, math.ceil(num_steps / s.evals_per_trial))
+def validate_at_most(config: DistillConfig, evals: int) -> DistillConfig:
+    """`config` validating at step 0 and at most `evals` times after it (fewer when it has fewer optimizer steps);
+    the trainer always validates the last step."""
+    every_steps = max(1, math.ceil(config.num_steps() / evals))
+    return dataclasses.replace(config, eval_every_tokens=every_steps * config.tokens_per_step())
 
 
 def _short_distill_config(run: Run) -> dict[str, Any]:
     from nas_minitron.distill_config import DistillConfig
 
     s = run.settings
-    return DistillConfig(
+    config = DistillConfig(
         num_tokens=s.short_tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr,
-        eval_every_tokens=eval_every_tokens(s, s.short_tokens),
         num_val_sequences=s.validation_sequences, seed=s.seed, topk=s.topk if s.topk > 0 else 0,
         dtype="bf16" if s.gpus_per_trial > 0 else "float32",
-    ).to_dict()
+    )
+    return validate_at_most(config, s.evals_per_trial).to_dict()
 
 
 def trial_spec(run: Run) -> TrialSpec:
@@ -281,11 +282,10 @@ def distill_winners(run: Run) -> dict[str, Any]:
     s = run.settings
     teacher, tokenizer = run.teacher()
     device = run.device()
-    config = DistillConfig(
+    config = validate_at_most(DistillConfig(
         num_tokens=s.full_tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr,
-        eval_every_tokens=eval_every_tokens(s, s.full_tokens), num_val_sequences=s.validation_sequences,
-        seed=s.seed, dtype="bf16" if device == "cuda" else "float32",
-    )
+        num_val_sequences=s.validation_sequences, seed=s.seed, dtype="bf16" if device == "cuda" else "float32",
+    ), s.evals_per_trial)
     results = {}
     for row in read_csv(run.path("winners.csv")):
         folder = run.path(row["path"])

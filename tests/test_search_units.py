@@ -123,12 +123,11 @@ def test_distillations_validate_at_most_evals_per_trial_times(num_steps: int, ev
     from tiny_models import tiny_model
 
     from nas_minitron.distill import DistillConfig, distill
-    from nas_minitron.search_stages import eval_every_tokens
+    from nas_minitron.search_stages import validate_at_most
 
     seq_len, batch = 8, 2
-    s = SearchSettings(seq_len=seq_len, batch_size=batch, evals_per_trial=evals)
-    config = DistillConfig(num_tokens=num_steps * seq_len * batch, seq_len=seq_len, batch_size=batch, lr=1e-3,
-                           eval_every_tokens=eval_every_tokens(s, num_steps * seq_len * batch), num_val_sequences=2)
+    config = validate_at_most(DistillConfig(num_tokens=num_steps * seq_len * batch, seq_len=seq_len, batch_size=batch,
+                                            lr=1e-3, num_val_sequences=2), evals)
     data = torch.randint(0, 1024, (num_steps * batch, seq_len), generator=torch.Generator().manual_seed(0))
     result = distill(tiny_model("llama", seed=1), data, data[:2], config, teacher=tiny_model("llama", seed=0))
     assert [p.step for p in result.curve] == expected
