@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 from nas_minitron.arch import ArchConfig, count_params
-from nas_minitron.presets import load_preset
-from nas_minitron.search_space import (
+from nas_minitron.space.presets import load_preset
+from nas_minitron.space.candidates import (
     AXES,
     axis_values,
     budget_window,
@@ -27,7 +27,7 @@ from nas_minitron.search_space import (
     default_space,
     enumerate_candidates,
 )
-from nas_minitron.search_space import _scan, _teacher  # noqa: PLC2701  (benchmark-only peek at the walk)
+from nas_minitron.space.candidates import _scan, _teacher  # noqa: PLC2701  (benchmark-only peek at the walk)
 
 # Llama-3.1-70B's published config.json facts (no preset ships: nothing in the tool needs it yet).
 LLAMA_70B = {**load_preset("llama-3.1-8b"), "num_hidden_layers": 80, "hidden_size": 8192,

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from nas_minitron.arch import ArchConfig
-from nas_minitron.baselines import magnitude_scores
+from nas_minitron.prune.baselines import magnitude_scores
 from nas_minitron.data import take_sequences
-from nas_minitron.distill import DistillConfig, StepInfo, distill
-from nas_minitron.keep import keep_from_scores
-from nas_minitron.logit_cache import build_logit_cache
-from nas_minitron.materialize import materialize, teacher_arch
+from nas_minitron.distill.trainer import DistillConfig, StepInfo, distill
+from nas_minitron.prune.keep import keep_from_scores
+from nas_minitron.distill.logit_cache import build_logit_cache
+from nas_minitron.prune.surgery import materialize, teacher_arch
 from nas_minitron.teacher import load_teacher
 
 

@@ -2,10 +2,10 @@
 import torch, time
 from nas_minitron.arch import ArchConfig
 from nas_minitron.data import take_sequences
-from nas_minitron.importance import compute_importance
-from nas_minitron.keep import keep_from_scores
-from nas_minitron.lm_loss import lm_loss
-from nas_minitron.materialize import materialize, teacher_arch
+from nas_minitron.prune.importance import compute_importance
+from nas_minitron.prune.keep import keep_from_scores
+from nas_minitron.prune.lm_loss import lm_loss
+from nas_minitron.prune.surgery import materialize, teacher_arch
 from nas_minitron.teacher import load_teacher
 t, tok = load_teacher("smollm2-135m"); _, arch = teacher_arch(t)
 calib = take_sequences("builtin", tok, "calibration", 256, 64)[:16]

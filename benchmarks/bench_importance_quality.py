@@ -29,9 +29,9 @@ RANDOM_SEEDS = (0, 1, 2)
 def _val_loss(teacher: Any, scores: Any, target_name: str, val: Any, depth_method: str = "auto",
               rescale_norms: bool = True) -> float:
     from nas_minitron.arch import ArchConfig
-    from nas_minitron.keep import keep_from_scores
-    from nas_minitron.lm_loss import lm_loss
-    from nas_minitron.materialize import materialize, teacher_arch
+    from nas_minitron.prune.keep import keep_from_scores
+    from nas_minitron.prune.lm_loss import lm_loss
+    from nas_minitron.prune.surgery import materialize, teacher_arch
 
     _, t_arch = teacher_arch(teacher)
     target = ArchConfig.parse(target_name, t_arch.head_dim)
@@ -59,8 +59,8 @@ def _scores(teacher: Any, calib: Any, args: argparse.Namespace, results: dict[st
     """Activation scores (width only, or with layer metrics), cached in --scores-dir across runs."""
     from pathlib import Path
 
-    from nas_minitron.importance import compute_importance
-    from nas_minitron.scores import ImportanceScores
+    from nas_minitron.prune.importance import compute_importance
+    from nas_minitron.prune.scores import ImportanceScores
 
     cache = Path(args.scores_dir) / ("depth" if depth else "width") if args.scores_dir else None
     if cache is not None and (cache / "scores.json").is_file():
@@ -108,11 +108,11 @@ def _run(args: argparse.Namespace) -> None:
     import torch
 
     from nas_minitron.arch import ArchConfig
-    from nas_minitron.baselines import magnitude_scores, random_scores
+    from nas_minitron.prune.baselines import magnitude_scores, random_scores
     from nas_minitron.data import take_sequences
-    from nas_minitron.importance import compute_importance
-    from nas_minitron.lm_loss import lm_loss
-    from nas_minitron.materialize import teacher_arch
+    from nas_minitron.prune.importance import compute_importance
+    from nas_minitron.prune.lm_loss import lm_loss
+    from nas_minitron.prune.surgery import teacher_arch
     from nas_minitron.teacher import load_teacher
 
     torch.manual_seed(0)

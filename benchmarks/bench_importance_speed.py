@@ -32,7 +32,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
 def _run_mode(mode: str, model: Any, batches: Any, args: argparse.Namespace) -> float:
     import torch
 
-    from nas_minitron.importance import compute_importance
+    from nas_minitron.prune.importance import compute_importance
 
     start = time.perf_counter()
     if mode.startswith("plain"):

@@ -26,8 +26,8 @@ def replay(table: dict[str, float], archs: list[Any], baselines: list[Any], samp
     """The names a search with this sampler would distill, in order (re-proposals included)."""
     import optuna
 
-    from nas_minitron.proposals import encode
-    from nas_minitron.trial_search import CandidateSpace
+    from nas_minitron.search.proposals import encode
+    from nas_minitron.search.searcher import CandidateSpace
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=sampler)
@@ -46,7 +46,7 @@ def replay(table: dict[str, float], archs: list[Any], baselines: list[Any], samp
 def _sampler(name: str, seed: int, num_trials: int) -> Any:
     import optuna
 
-    from nas_minitron.trials import make_sampler
+    from nas_minitron.search.tune import make_sampler
 
     if name.startswith("tpe:"):  # a variant of the search's TPE, for comparison
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=int(name[4:]))

@@ -39,7 +39,7 @@ from nas_minitron.atomic import atomic_directory
 
 def _run_one(arch_name: str, spec: Any) -> dict[str, Any]:
     """One candidate's short distillation in this (spawned) process: final metrics, curve and wall time."""
-    from nas_minitron.candidate_run import run_candidate
+    from nas_minitron.search.worker import run_candidate
 
     points: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -50,9 +50,9 @@ def _run_one(arch_name: str, spec: Any) -> dict[str, Any]:
 
 def load_run(run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The trial spec the search used, and its configuration."""
-    from nas_minitron.pipeline import Run
-    from nas_minitron.run_config import SearchSettings, resolve_settings
-    from nas_minitron.search_stages import trial_spec
+    from nas_minitron.pipeline.runner import Run
+    from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
+    from nas_minitron.pipeline.stages import trial_spec
 
     config = json.loads((run_dir / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(SearchSettings)}
@@ -73,8 +73,8 @@ def main() -> None:
 
     import pandas as pd
 
-    from nas_minitron.report_plots import spearman
-    from nas_minitron.search_stages import read_csv, write_csv
+    from nas_minitron.report.plots import spearman
+    from nas_minitron.pipeline.stages import read_csv, write_csv
 
     spec, config = load_run(run_dir)
     objective = config["objectives"][0]

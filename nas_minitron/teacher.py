@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.adapters import get_family
+from nas_minitron.families import get_family
 from nas_minitron.atomic import atomic_directory
 from nas_minitron.errors import UserError
 

@@ -27,7 +27,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
 
 
 def _candidates(teacher_arch: Any, invariants: Any) -> list[Any]:
-    from nas_minitron.adapters import get_family
+    from nas_minitron.families import get_family
     from nas_minitron.arch import ArchConfig, prune_problems
 
     family = get_family("llama")
@@ -77,13 +77,13 @@ def write_synthetic_run(run_dir: Path, teacher_dir: Path, *, upto: str = "report
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nas_minitron.adapters import get_family
+    from nas_minitron.families import get_family
     from nas_minitron.arch import count_params
-    from nas_minitron.evaluate import EvalResult, save_eval
-    from nas_minitron.keep import keep_from_scores
-    from nas_minitron.materialize import materialize, teacher_arch
-    from nas_minitron.scores import ImportanceScores
-    from nas_minitron.speed import measure_speed
+    from nas_minitron.evaluate.harness import EvalResult, save_eval
+    from nas_minitron.prune.keep import keep_from_scores
+    from nas_minitron.prune.surgery import materialize, teacher_arch
+    from nas_minitron.prune.scores import ImportanceScores
+    from nas_minitron.evaluate.speed import measure_speed
 
     done = STAGES[: STAGES.index(upto) + 1]
     rng = random.Random(0)

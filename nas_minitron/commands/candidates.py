@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
-    from nas_minitron.search_space import Candidate
+    from nas_minitron.space.candidates import Candidate
 
 __all__ = ["format_candidates", "register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nas_minitron.presets import preset_names
-    from nas_minitron.search_space import space_names
+    from nas_minitron.space.presets import preset_names
+    from nas_minitron.space.candidates import space_names
     from nas_minitron.teacher import DEFAULT_TEACHER
 
     parser = subparsers.add_parser(
@@ -54,10 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.adapters import get_family
+    from nas_minitron.families import get_family
     from nas_minitron.arch import Budget, count_params
-    from nas_minitron.presets import resolve_teacher_config
-    from nas_minitron.search_space import default_space, enumerate_candidates, load_space
+    from nas_minitron.space.presets import resolve_teacher_config
+    from nas_minitron.space.candidates import default_space, enumerate_candidates, load_space
 
     if args.max_count is not None and args.max_count < 1:
         raise UserError(f"--max must be a positive number of candidates, but got {args.max_count}.")
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 def format_candidates(candidates: Sequence[Candidate], fmt: str) -> str:
     """`csv` (exactly CANDIDATE_COLUMNS, as candidates.csv) or an aligned `table` of the same columns."""
-    from nas_minitron.search_space import CANDIDATE_COLUMNS
+    from nas_minitron.space.candidates import CANDIDATE_COLUMNS
 
     rows = [c.row() for c in candidates]
     if fmt == "csv":

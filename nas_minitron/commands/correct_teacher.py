@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nas_minitron.atomic import atomic_directory, check_output_dir
-    from nas_minitron.distill import NonFiniteLossError, distill
+    from nas_minitron.distill.trainer import NonFiniteLossError, distill
     from nas_minitron.teacher import load_teacher
 
     check_output_dir(args.out, args.overwrite)

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_same_tokenizer(teacher_tok: Any, student_tok: Any, teacher_vocab: int, student_vocab: int) -> None:
     """UserError unless teacher and student share tokenizer and vocabulary size: KD compares logits id by id."""
-    from nas_minitron.logit_cache import tokenizer_fingerprint
+    from nas_minitron.distill.logit_cache import tokenizer_fingerprint
 
     if teacher_vocab != student_vocab:
         raise UserError(f"teacher and student vocabularies differ: {teacher_vocab} vs {student_vocab} entries.")
@@ -92,7 +92,7 @@ def _load_student(path: Path, device: str, trust_remote_code: bool) -> tuple[Any
 def _teacher_and_cache(args: argparse.Namespace, student: Any, student_tok: Any, train: Any, val: Any,
                        device: str, topk: int) -> tuple[Any, Any]:
     """(teacher or None, cache or None). An existing cache means no teacher is loaded at all."""
-    from nas_minitron.logit_cache import LogitCache, build_logit_cache, tokenizer_fingerprint
+    from nas_minitron.distill.logit_cache import LogitCache, build_logit_cache, tokenizer_fingerprint
     from nas_minitron.teacher import load_teacher
 
     if args.logit_cache is not None and (args.logit_cache / "manifest.json").is_file():
@@ -116,7 +116,7 @@ def _teacher_and_cache(args: argparse.Namespace, student: Any, student_tok: Any,
 
 def run(args: argparse.Namespace) -> int:
     from nas_minitron.atomic import atomic_directory, check_output_dir
-    from nas_minitron.distill import NonFiniteLossError, distill
+    from nas_minitron.distill.trainer import NonFiniteLossError, distill
 
     check_output_dir(args.out, args.overwrite)
     device, dtype = resolve_device(args)

@@ -9,7 +9,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nas_minitron.evaluate import DEFAULT_TASKS, MINITRON_PRESET
+    from nas_minitron.evaluate.harness import DEFAULT_TASKS, MINITRON_PRESET
 
     preset = ", ".join(f"{task} {shots}-shot" for task, shots in MINITRON_PRESET.items())
     parser = subparsers.add_parser(
@@ -49,7 +49,7 @@ def _device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.evaluate import (
+    from nas_minitron.evaluate.harness import (
         eval_table,
         evaluate_model,
         find_tasks,
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     result = dataclasses.replace(result, path=str(args.model))
     speeds = []
     if args.speed:
-        from nas_minitron.speed import measure_speed
+        from nas_minitron.evaluate.speed import measure_speed
 
         speeds.append(
             measure_speed(

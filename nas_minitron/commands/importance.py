@@ -77,7 +77,7 @@ def _device(choice: str) -> str:
 
 
 def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
-    from nas_minitron.importance import check_aggregations
+    from nas_minitron.prune.importance import check_aggregations
 
     check_aggregations(args.batch_agg, args.seq_agg)
     for flag, value in (("--num-samples", args.num_samples), ("--seq-len", args.seq_len),
@@ -94,8 +94,8 @@ def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
 def _expected_meta(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
     """The inputs a saved record must match to be reused (see importance.REUSE_KEYS)."""
     from nas_minitron.data import data_fingerprint
-    from nas_minitron.importance import weights_fingerprint
-    from nas_minitron.materialize import teacher_arch
+    from nas_minitron.prune.importance import weights_fingerprint
+    from nas_minitron.prune.surgery import teacher_arch
 
     num_layers = teacher_arch(model)[1].num_hidden_layers
     layer_loss = args.layer_metrics and args.layer_loss
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nas_minitron.atomic import atomic_directory
     from nas_minitron.data import take_sequences
-    from nas_minitron.importance import compute_importance, reusable_scores
+    from nas_minitron.prune.importance import compute_importance, reusable_scores
     from nas_minitron.teacher import load_teacher, load_teacher_config
 
     config = load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code)

@@ -46,7 +46,7 @@ def weight_count(directory: Path) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.adapters import get_family
+    from nas_minitron.families import get_family
     from nas_minitron.arch import count_params
     from nas_minitron.teacher import load_teacher_config, resolve_teacher_dir
 

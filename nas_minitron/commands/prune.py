@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nas_minitron.errors import UserError
-from nas_minitron.keep import DEPTH_METHODS
+from nas_minitron.prune.keep import DEPTH_METHODS
 
 __all__ = ["register"]
 
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nas_minitron.atomic import atomic_directory, check_output_dir
-    from nas_minitron.prune import PruningPlan, plan_for, save_student, target_arch
+    from nas_minitron.prune.plan import PruningPlan, plan_for, save_student, target_arch
     from nas_minitron.teacher import load_teacher, load_teacher_config
 
     check_output_dir(args.out, args.overwrite)  # before any expensive work
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             rescale_norms=args.rescale_norms,
             importance_dir=str(args.importance) if args.importance else None,
         )
-    from nas_minitron.materialize import materialize
+    from nas_minitron.prune.surgery import materialize
 
     student = materialize(teacher, plan.arch, plan.keep, rescale_norms=plan.rescale_norms)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _scores(args: argparse.Namespace, teacher):  # type: ignore[no-untyped-def]
-    from nas_minitron.baselines import magnitude_scores, random_scores
-    from nas_minitron.materialize import teacher_arch
-    from nas_minitron.scores import ImportanceScores
+    from nas_minitron.prune.baselines import magnitude_scores, random_scores
+    from nas_minitron.prune.surgery import teacher_arch
+    from nas_minitron.prune.scores import ImportanceScores
 
     if args.importance:
         return ImportanceScores.load(args.importance)

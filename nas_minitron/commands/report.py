@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.report import write_report
+    from nas_minitron.report.page import write_report
 
     path = write_report(args.run_dir, args.out)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

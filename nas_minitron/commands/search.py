@@ -49,7 +49,7 @@ def _field_docs() -> dict[str, str]:
     import ast
     import inspect
 
-    from nas_minitron import run_config
+    from nas_minitron.pipeline import settings as run_config
 
     docs: dict[str, str] = {}
     tree = ast.parse(inspect.getsource(run_config.SearchSettings))
@@ -61,7 +61,7 @@ def _field_docs() -> dict[str, str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nas_minitron.run_config import SearchSettings
+    from nas_minitron.pipeline.settings import SearchSettings
 
     parser = subparsers.add_parser(
         "search",
@@ -89,8 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.pipeline import run_search
-    from nas_minitron.run_config import SearchSettings, resolve_settings
+    from nas_minitron.pipeline.runner import run_search
+    from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
 
     fields = [f.name for f in dataclasses.fields(SearchSettings)]
     overrides = {name: getattr(args, name) for name in fields if hasattr(args, name)}

@@ -14,7 +14,7 @@ from nas_minitron.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from nas_minitron.distill_config import DistillConfig, StepInfo
+    from nas_minitron.distill.config import DistillConfig, StepInfo
 
 __all__ = ["add_training_args", "config_from_args", "load_sequences", "progress", "resolve_device"]
 
@@ -56,7 +56,7 @@ def resolve_device(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def config_from_args(args: argparse.Namespace, dtype: str, **fields: Any) -> DistillConfig:
-    from nas_minitron.distill_config import DistillConfig
+    from nas_minitron.distill.config import DistillConfig
 
     return DistillConfig(
         num_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,

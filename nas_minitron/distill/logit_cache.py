@@ -1,0 +1,186 @@
+"""Teacher-logit cache: one teacher pass, shared by every trial of a search, so workers need not hold the teacher.
+
+Layout of a cache directory (written atomically):
+  manifest.json            format_version, num_sequences, seq_len, topk, vocab_size, teacher and tokenizer
+                           fingerprints, and for every file its shape, dtype and sha256
+  tokens.npy               int32 [N, T]: the sequences the cache was built over (lookups go by their content)
+  logprobs-00000.npy ...   float16 [n, T, k]: the teacher's top-k log-probabilities at temperature 1, sorted
+  indices-00000.npy ...    int32 [n, T, k]: their token ids
+Shards hold `shard_sequences` sequences each and are memory-mapped on open. How the tail mass outside the top-k
+enters the loss is described in `nas_minitron.distill.losses` (an explicit "rest" bucket).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas_minitron.atomic import atomic_directory, file_sha256
+from nas_minitron.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["LogitCache", "build_logit_cache", "teacher_fingerprint", "tokenizer_fingerprint"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the token -> id map: equal fingerprints mean the same token ids for the same text."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def teacher_fingerprint(teacher: PreTrainedModel) -> str:
+    """sha256 of the teacher's config and the bytes of its embedding matrix (cheap, weight-sensitive)."""
+    digest = hashlib.sha256(teacher.config.to_json_string(use_diff=False).encode())
+    embed = teacher.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    digest.update(embed.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _row_key(row: np.ndarray) -> bytes:
+    return hashlib.sha1(row.astype("<i4").tobytes()).digest()
+
+
+@dataclass
+class LogitCache:
+    """An opened cache: memory-mapped shards and a content index of its sequences."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    tokens: Any  # np.memmap int32 [N, T]
+    logprobs: list[Any]  # np.memmap float16 [n, T, k] per shard
+    indices: list[Any]  # np.memmap int32 [n, T, k] per shard
+    _rows: dict[bytes, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def topk(self) -> int:
+        return int(self.manifest["topk"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.manifest["num_sequences"])
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], verify: bool = True) -> LogitCache:
+        """Open a cache; `verify` checks every file's sha256 (refusing a truncated or altered cache)."""
+        import numpy as np
+
+        root = Path(directory)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{str(root)!r} is not a logit cache ({type(err).__name__}: {err}).") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"logit cache {str(root)!r} has format_version {manifest.get('format_version')!r}, "
+                            f"expected {FORMAT_VERSION}.")
+        for entry in manifest["files"].values():
+            path = root / entry["file"]
+            if not path.is_file() or (verify and file_sha256(path) != entry["sha256"]):
+                raise UserError(f"logit cache {str(root)!r}: {entry['file']} is missing, truncated or altered.")
+        load = lambda name: np.load(root / manifest["files"][name]["file"], mmap_mode="r")  # noqa: E731
+        shards = range(len(manifest["shards"]))
+        cache = cls(root, manifest, load("tokens"), [load(f"logprobs-{i}") for i in shards],
+                    [load(f"indices-{i}") for i in shards])
+        cache._rows = {_row_key(np.asarray(row)): i for i, row in enumerate(cache.tokens)}
+        return cache
+
+    def rows_for(self, tokens: torch.Tensor) -> list[int]:
+        """Cache row of each sequence in tokens [B, T]; UserError for a sequence the cache was not built over."""
+        rows = []
+        for row in tokens.detach().cpu().numpy():
+            index = self._rows.get(_row_key(row))
+            if index is None:
+                raise UserError(f"a sequence is not in logit cache {str(self.directory)!r}: build the cache over "
+                                f"the same data, seq_len and split (train + validation) as the run.")
+            rows.append(index)
+        return rows
+
+    def lookup(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher top-k log-probs float32 [B, T, k] and indices int64 [B, T, k] for tokens [B, T]."""
+        import numpy as np
+        import torch
+
+        shard_size = int(self.manifest["shard_sequences"])
+        logprobs, indices = [], []
+        for row in self.rows_for(tokens):
+            shard, offset = divmod(row, shard_size)
+            logprobs.append(np.asarray(self.logprobs[shard][offset], dtype=np.float32))  # [T, k]
+            indices.append(np.asarray(self.indices[shard][offset], dtype=np.int64))  # [T, k]
+        return torch.from_numpy(np.stack(logprobs)), torch.from_numpy(np.stack(indices))
+
+
+def build_logit_cache(
+    teacher: PreTrainedModel,
+    sequences: torch.Tensor,
+    out_dir: str | os.PathLike[str],
+    topk: int,
+    batch_size: int,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    shard_sequences: int = 1024,
+    overwrite: bool = False,
+    dtype: str = "float32",
+) -> LogitCache:
+    """Run the teacher once over sequences [N, T] and write its top-k log-probs; return the opened cache."""
+    import numpy as np
+    import torch
+
+    from nas_minitron.distill.losses import topk_targets
+
+    vocab = int(teacher.config.vocab_size)
+    if sequences.dim() != 2 or sequences.shape[0] < 1:
+        raise UserError(f"logit cache sequences must be a non-empty [N, T] tensor but got {list(sequences.shape)}.")
+    if not 1 <= topk <= vocab:
+        raise UserError(f"topk must be in [1, {vocab}] but got {topk!r}.")
+    num, seq_len = sequences.shape
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "num_sequences": num, "seq_len": seq_len, "topk": topk,
+        "vocab_size": vocab, "shard_sequences": shard_sequences, "temperature": 1.0, "dtype": dtype,
+        "teacher_fingerprint": teacher_fingerprint(teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+        "shards": [], "files": {},
+    }
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        np.save(tmp / "tokens.npy", sequences.cpu().numpy().astype(np.int32))
+        manifest["files"]["tokens"] = {"file": "tokens.npy", "shape": [num, seq_len], "dtype": "int32"}
+        for shard, start in enumerate(range(0, num, shard_sequences)):
+            stop = min(num, start + shard_sequences)
+            names = (f"logprobs-{shard:05d}.npy", f"indices-{shard:05d}.npy")
+            values = np.lib.format.open_memmap(tmp / names[0], "w+", np.float16, (stop - start, seq_len, topk))
+            ids = np.lib.format.open_memmap(tmp / names[1], "w+", np.int32, (stop - start, seq_len, topk))
+            for lo in range(start, stop, batch_size):
+                hi = min(stop, lo + batch_size)
+                with torch.no_grad(), autocast:
+                    logits = teacher(input_ids=sequences[lo:hi].to(device)).logits  # [b, T, V]
+                logp, idx = topk_targets(logits, topk)  # [b, T, k] each
+                values[lo - start : hi - start] = logp.cpu().numpy().astype(np.float16)
+                ids[lo - start : hi - start] = idx.cpu().numpy().astype(np.int32)
+            values.flush()
+            ids.flush()
+            del values, ids
+            manifest["shards"].append({"start": start, "stop": stop})
+            for kind, name in zip(("logprobs", "indices"), names, strict=True):
+                dtype_name = "float16" if kind == "logprobs" else "int32"
+                manifest["files"][f"{kind}-{shard}"] = {"file": name, "shape": [stop - start, seq_len, topk],
+                                                       "dtype": dtype_name}
+        for entry in manifest["files"].values():
+            entry["sha256"] = file_sha256(tmp / entry["file"])
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return LogitCache.open(out_dir, verify=False)

@@ -1,0 +1,169 @@
+"""`SearchSettings`: the resolved configuration of one `nas-minitron search` run.
+
+Defaults are CPU-sized for the embedded default (SmolLM2-135M + builtin data, ~15 minutes on 2 cores): far fewer
+calibration samples and distillation tokens than the papers use (1024 samples, billions of tokens); raise them on
+a GPU cluster. A YAML file
+(`--config run.yaml`) overrides the defaults and command-line flags override the YAML. The resolved settings are
+saved as `config.json` in the run directory; `--resume` refuses a directory made with different settings, except
+for the runtime keys (where and how fast it runs, not what it computes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nas_minitron.errors import UserError
+
+__all__ = ["RUNTIME_KEYS", "SearchSettings", "differences", "resolve_settings"]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    teacher: str = "smollm2-135m"
+    """teacher: local HF directory, .gguf file, hub id, or the embedded default"""
+    budget: str = "0.5x"
+    """parameter budget: 4B, 4.5e9, 500M, 90M, or a fraction of the teacher like 0.5x"""
+    data: str = "builtin"
+    """text for calibration, distillation and validation (see `nas-minitron importance --help`)"""
+    space: str | None = None
+    """search-space YAML file or name in nas_minitron/space/files/; default: smollm2-135m-cpu for the embedded teacher, else
+    derived from the teacher"""
+    tolerance: float | None = None
+    """relative distance to the budget a candidate may have (default: the space's)"""
+    max_candidates: int | None = None
+    """keep at most this many candidates, closest to the budget first"""
+    trials: int = 4
+    """search trials (short distillations)"""
+    short_tokens: int = 4096
+    """distillation tokens per trial"""
+    winners: int = 1
+    """candidates fully distilled and evaluated"""
+    full_tokens: int = 8192
+    """distillation tokens per winner"""
+    objectives: tuple[str, ...] = ("val_kl",)
+    """minimized trial objectives: val_kl, val_loss, params, kv_bytes_per_token, flops_per_token"""
+    seq_len: int = 256
+    """tokens per sequence"""
+    batch_size: int = 4
+    """sequences per step"""
+    lr: float = 1e-4
+    """peak learning rate of short and full distillation"""
+    calibration_samples: int = 32
+    """calibration sequences for importance (the papers use 1024)"""
+    loss_sequences: int = 2
+    """sequences on which layer-removal LM losses are measured"""
+    validation_sequences: int = 8
+    """held-out sequences for validation metrics"""
+    evals_per_trial: int = 2
+    """validation points after step 0 of each distillation, short and full (fewer if it has fewer steps)"""
+    topk: int = 64
+    """teacher-logit cache keeps the top-k log-probs per token (0: trials run the teacher instead)"""
+    eval_tasks: str = "pydoc_next_sentence"
+    """lm-eval tasks for the winners and the teacher (comma-separated, or 'minitron' when online)"""
+    eval_limit: int | None = 40
+    """items per eval task (None: all)"""
+    sampler: str = "auto"
+    """auto (TPE, NSGA-II for several objectives), tpe, nsga2, random"""
+    asha: bool = False
+    """stop clearly worse trials early (successive halving on validation KL)"""
+    seed: int = 0
+    """seed of data order, sampler and training"""
+    cpus_per_trial: int = 1
+    """CPUs per Ray trial (also torch threads)"""
+    gpus_per_trial: float = 0.0
+    """GPUs per Ray trial"""
+    max_concurrent: int = 2
+    """trials at once"""
+    ray_address: str | None = None
+    """join this Ray cluster ('auto' or host:port); default: start a local one on 127.0.0.1"""
+    storage: str | None = None
+    """Optuna storage URL; default: SQLite in the run directory"""
+    cache_dir: str | None = None
+    """where converted GGUF teachers are cached"""
+    device: str = "auto"
+    """device of the driver's stages (importance, full distillation, eval): auto, cpu, cuda"""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["objectives"] = list(self.objectives)
+        return data
+
+
+# Keys that may change on --resume: they decide where and how fast the run goes, not what it computes.
+RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "gpus_per_trial", "storage",
+                          "cache_dir", "device"})
+_FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    if name == "objectives":
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    default = _FIELDS[name].default
+    expected = type(default) if default is not None else None
+    if value is None or expected is None:
+        return value
+    try:
+        if expected is bool:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        return expected(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: {name} must be a {expected.__name__}, but got {value!r}.") from None
+
+
+def resolve_settings(yaml_path: Path | None, overrides: Mapping[str, Any]) -> SearchSettings:
+    """Defaults, then the YAML file, then the non-None command-line overrides."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"cannot read --config {str(yaml_path)!r}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {str(yaml_path)!r} must hold a mapping of settings.")
+        unknown = sorted(set(loaded) - set(_FIELDS))
+        if unknown:
+            raise UserError(f"--config {str(yaml_path)!r}: unknown settings {unknown}; valid: {sorted(_FIELDS)}.")
+        values.update({k: _coerce(k, v, str(yaml_path)) for k, v in loaded.items()})
+    values.update({k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None})
+    settings = SearchSettings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: SearchSettings) -> None:
+    from nas_minitron.search.winners import OBJECTIVES
+
+    positive = ("trials", "short_tokens", "winners", "full_tokens", "seq_len", "batch_size", "calibration_samples",
+                "validation_sequences", "evals_per_trial", "cpus_per_trial", "max_concurrent", "loss_sequences")
+    problems = [f"{k} must be >= 1, but got {getattr(s, k)!r}" for k in positive if getattr(s, k) < 1]
+    unknown = [o for o in s.objectives if o not in OBJECTIVES]
+    if unknown or not s.objectives:
+        problems.append(f"objectives must be among {', '.join(OBJECTIVES)}, but got {list(s.objectives)!r}")
+    if s.sampler not in ("auto", "tpe", "nsga2", "random"):
+        problems.append(f"sampler must be auto, tpe, nsga2 or random, but got {s.sampler!r}")
+    if s.asha and len(s.objectives) > 1:
+        problems.append(f"asha stops trials on one objective, but got {len(s.objectives)} objectives "
+                        f"{list(s.objectives)!r}; drop --asha or give one objective")
+    if s.winners > s.trials:
+        problems.append(f"winners ({s.winners}) cannot exceed trials ({s.trials})")
+    if s.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"device must be auto, cpu or cuda, but got {s.device!r}")
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+
+
+def differences(saved: Mapping[str, Any], current: SearchSettings) -> list[str]:
+    """Settings (other than runtime keys) whose value differs from a saved config.json (derived keys ignored)."""
+    now = json.loads(json.dumps(current.to_dict()))
+    keys = sorted(set(now) - RUNTIME_KEYS)
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]

@@ -1,0 +1,340 @@
+"""`write_report`: one self-contained HTML page (plotly.js inlined) about a search run, with its tables as CSV.
+
+Renders whatever the run directory holds: a stage without its completion marker is listed under "missing", and
+a section whose input is absent or unreadable says so instead of failing the whole report. The page records any
+script error into a visible box (and `data-nm-*` attributes) so that a headless browser check can read it back.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas_minitron.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["RUN_STAGES", "Section", "default_report_path", "write_report"]
+
+RUN_STAGES = ("importance", "candidates", "logit_cache", "trials", "winners", "distill", "eval", "report")
+_STAGE_OUTPUT = {"importance": "importance", "candidates": "candidates.csv", "trials": "trials.csv",
+                 "winners": "winners.csv", "eval": "eval/results.json"}  # fmt: skip
+_PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+@dataclass
+class Section:
+    """One part of the page: figures, tables (also written as CSV) and notes; `missing` explains an absence."""
+
+    key: str
+    title: str
+    figures: list[Any] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    missing: str = ""
+
+
+def default_report_path(run_dir: str | os.PathLike[str]) -> Path:
+    """reports/<run name>/report.html under the current directory."""
+    return Path("reports") / Path(run_dir).resolve().name / "report.html"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    import pandas as pd
+
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _stage_status(run_dir: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = []
+    for stage in RUN_STAGES[:-1]:  # "report" is this very step
+        marker = _read_json(run_dir / "stages" / f"{stage}.json")
+        output = _STAGE_OUTPUT.get(stage)
+        started = output is not None and (run_dir / output).exists()
+        status = "complete" if marker else "in progress" if started else "missing"
+        rows.append(dict(stage=stage, status=status, wall_s=marker.get("wall_s"), finished_at=marker.get("finished_at")))
+    return pd.DataFrame(rows)
+
+
+def _guarded(section: Section, build: Any, *args: Any) -> Section:
+    """Run a section builder; a malformed input file becomes a visible note, not a crashed report."""
+    try:
+        build(section, *args)
+    except (ValueError, KeyError, OSError, TypeError) as err:
+        section.missing = f"could not render from the run directory's files: {type(err).__name__}: {err}"
+    return section
+
+
+def _summary(section: Section, run_dir: Path, stages: pd.DataFrame, trials: pd.DataFrame | None) -> None:
+    import pandas as pd
+
+    config, summary = _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json")
+    facts: dict[str, Any] = {"run": run_dir.resolve().name}
+    for key in ("teacher", "teacher_arch", "teacher_params", "budget", "budget_params", "data", "space", "trials",
+                "short_tokens", "winners", "full_tokens", "objectives", "seq_len", "seed"):  # fmt: skip
+        value = summary.get(key, config.get(key))
+        if value is not None:
+            facts[key] = ", ".join(map(str, value)) if isinstance(value, list) else value
+    if trials is not None:
+        facts["trial status"] = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+    facts["started_at"] = summary.get("started_at")
+    done = stages["finished_at"].dropna()
+    # The report is the last stage, so a run being reported is not finished yet: show when its last stage ended.
+    facts["finished_at"] = summary.get("finished_at") or (f"{done.max()} (stages before the report)" if len(done)
+                                                          else "not yet")
+    facts["time spent (stages, s)"] = round(float(stages["wall_s"].fillna(0).sum()), 1)
+    section.tables["summary"] = pd.DataFrame({"item": list(facts), "value": [str(v) for v in facts.values()]})
+    section.tables["stages"] = stages
+
+
+def _search_sections(run_dir: Path, trials: pd.DataFrame | None, winners: pd.DataFrame | None) -> list[Section]:
+    from nas_minitron.report import plots as plots
+
+    pareto, parallel = Section("pareto", "Pareto front"), Section("parallel", "Architecture axes vs. loss")
+    ranking, curves_s = Section("ranking", "Ranking stability"), Section("curves", "Per-trial loss curves")
+    curves = _read_csv(run_dir / "trial_curves.csv")
+    if trials is None or not (trials["status"] == "COMPLETE").any():
+        for section in (pareto, parallel, ranking):
+            section.missing = "no finished trials yet (trials.csv has no COMPLETE row)."
+    else:
+        config = _read_json(run_dir / "config.json")
+
+        def build_pareto(s: Section) -> None:
+            fig, table = plots.pareto_figure(trials, winners, config)
+            s.figures.append(fig)
+            s.tables["pareto"] = table
+
+        _guarded(pareto, build_pareto)
+        _guarded(parallel, lambda s: s.figures.append(plots.parallel_figure(trials)))
+        if curves is None:
+            ranking.missing = "trial_curves.csv is missing."
+        else:
+
+            def build_ranking(s: Section) -> None:
+                figs, ranks, corr = plots.ranking_figures(curves, trials)
+                s.figures += figs
+                s.tables.update(ranking=ranks, spearman=corr)
+
+            _guarded(ranking, build_ranking)
+    distill = {p.parent.name: _read_json(p) for p in sorted((run_dir / "winners").glob("*/distill.json"))}
+    if curves is None and not distill:
+        curves_s.missing = "trial_curves.csv is missing and no winner has a distill.json."
+    else:
+        frame = curves if curves is not None else _empty_curves()
+        _guarded(curves_s, lambda s: s.figures.append(plots.loss_curve_figure(frame, winners, distill)))
+    if trials is not None:
+        curves_s.tables["trials"] = trials
+    return [pareto, parallel, ranking, curves_s]
+
+
+def _empty_curves() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(columns=["trial_id", "name", "step", "num_tokens", "val_loss", "val_kl"])
+
+
+def _importance(section: Section, run_dir: Path) -> None:
+    from nas_minitron.report import plots as plots
+    from nas_minitron.prune.scores import ImportanceScores
+
+    if not (run_dir / "importance" / "scores.safetensors").is_file():
+        section.missing = "importance/ has no scores yet."
+        return
+    try:
+        scores = ImportanceScores.load(run_dir / "importance")
+    except UserError as err:
+        section.missing = str(err)
+        return
+    figs, table = plots.importance_figures(scores)
+    section.figures += figs
+    section.tables["importance_layers"] = table
+    section.notes.append(f"criterion: {scores.criterion}; meta: {json.dumps(scores.meta, default=str)[:300]}")
+
+
+def _evaluation(section: Section, run_dir: Path) -> None:
+    from nas_minitron.report import plots as plots
+    from nas_minitron.evaluate.harness import eval_table, read_eval, wide_table
+
+    results, speed = read_eval(run_dir)
+    if not results and speed.empty:
+        section.missing = "eval/results.json is missing (the eval stage has not run)."
+        return
+    wide = wide_table(eval_table(results))
+    section.figures += plots.eval_figures(wide, speed)
+    if not wide.empty:
+        section.tables["eval"] = wide.reset_index().rename_axis(columns=None)
+    if not speed.empty:
+        section.tables["speed"] = speed
+        methods = ", ".join(sorted(set(speed.get("peak_mem_method", []))))
+        section.notes.append(f"peak memory measured by: {methods or 'unknown'}; KV cache bytes from the config.")
+
+
+def _build_sections(run_dir: Path) -> tuple[list[Section], list[str]]:
+    stages = _stage_status(run_dir)
+    trials, winners = _read_csv(run_dir / "trials.csv"), _read_csv(run_dir / "winners.csv")
+    summary = _guarded(Section("summary", "Run summary"), _summary, run_dir, stages, trials)
+    sections = [summary, *_search_sections(run_dir, trials, winners)]
+    sections.append(_guarded(Section("importance", "Importance"), _importance, run_dir))
+    sections.append(_guarded(Section("eval", "Evaluation"), _evaluation, run_dir))
+    missing = [f"{row.stage} ({row.status})" for row in stages.itertuples() if row.status != "complete"]
+    return sections, missing
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:0 24px;color:#222}
+h1{margin-top:24px} h2{border-bottom:2px solid #1f4e8c;padding-bottom:4px;margin-top:40px}
+nav a{margin-right:14px} table.nm{border-collapse:collapse;font-size:13px;margin:8px 0}
+table.nm td,table.nm th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
+.scroll{overflow-x:auto} table.nm th{background:#eef2f7}
+.missing{background:#fff4e5;border-left:6px solid #e4572e;padding:8px 16px;margin:16px 0}
+.errors{background:#fde8e8;color:#8b0000;border:2px solid #8b0000;padding:8px;white-space:pre-wrap}
+.note{color:#555;font-size:13px} .plot{margin:12px 0}
+"""
+# Installed before plotly.js runs: script errors and console.error calls land in a visible box and in
+# data attributes, and every fetched resource URL is listed, so that a headless browser can check the page.
+_CHECK_HOOK = """
+window.__nmErrors=[];
+function __nmRecord(msg){window.__nmErrors.push(String(msg));var box=document.getElementById('nm-js-errors');
+ if(box){box.textContent='Script errors on this page:\\n'+window.__nmErrors.join('\\n');box.hidden=false;}}
+window.addEventListener('error',function(e){__nmRecord('error: '+(e.message||(e.target&&e.target.src)||e));},true);
+window.addEventListener('unhandledrejection',function(e){__nmRecord('unhandled rejection: '+e.reason);});
+(function(){var orig=console.error;console.error=function(){__nmRecord('console.error: '+
+ Array.prototype.join.call(arguments,' '));return orig.apply(console,arguments);};})();
+function __nmStatus(){var b=document.body;
+ var res=performance.getEntriesByType('resource').map(function(r){return r.name;})
+  .filter(function(n){return n.indexOf('data:')!==0&&n.indexOf('blob:')!==0;});
+ b.setAttribute('data-nm-errors',String(window.__nmErrors.length));
+ b.setAttribute('data-nm-resources',JSON.stringify(res));
+ b.setAttribute('data-nm-plots',String(document.querySelectorAll('.js-plotly-plot .main-svg').length));
+ b.setAttribute('data-nm-status','checked');}
+window.addEventListener('load',function(){__nmStatus();setTimeout(__nmStatus,500);});
+"""
+
+
+def _table_html(table: pd.DataFrame) -> str:
+    body = table.to_html(index=False, border=0, classes="nm", na_rep="", float_format=lambda x: f"{x:.5g}")
+    body = f'<div class="scroll">{body}</div>'
+    if len(table) > 25:
+        return f"<details><summary>{len(table)} rows</summary>{body}</details>"
+    return body
+
+
+def _section_html(section: Section, figure_divs: list[str]) -> str:
+    parts = [f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>']
+    if section.missing:
+        parts.append(f'<p class="missing">not available: {html.escape(section.missing)}</p>')
+    parts += [f'<div class="plot">{div}</div>' for div in figure_divs]
+    for name, table in section.tables.items():
+        parts.append(f'<h3>{html.escape(name)} <span class="note">({html.escape(name)}.csv)</span></h3>')
+        parts.append(_table_html(table))
+    parts += [f'<p class="note">{html.escape(note)}</p>' for note in section.notes]
+    return "\n".join(parts) + "</section>"
+
+
+def _page_html(run_name: str, sections: list[Section], missing: list[str], footer: str) -> str:
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
+    any_figures = any(s.figures for s in sections)
+    body = []
+    for section in sections:
+        divs = [
+            pio.to_html(fig, full_html=False, include_plotlyjs=False, config=_PLOT_CONFIG, div_id=f"{section.key}-{i}")
+            for i, fig in enumerate(section.figures)
+        ]
+        body.append(_section_html(section, divs))
+    nav = " ".join(f'<a href="#{s.key}">{html.escape(s.title)}</a>' for s in sections)
+    missing_html = (
+        f'<section id="missing" class="missing"><h2>Missing stages</h2><p>missing: {html.escape(", ".join(missing))}'
+        f"</p><p>This run is unfinished; the sections below show what exists so far.</p></section>"
+        if missing
+        else ""
+    )
+    plotly_js = f"<script>{get_plotlyjs()}</script>" if any_figures else ""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>nas-minitron report: '
+        f"{html.escape(run_name)}</title><style>{_STYLE}</style><script>{_CHECK_HOOK}</script>{plotly_js}</head>\n"
+        f'<body><pre id="nm-js-errors" class="errors" hidden></pre><h1>nas-minitron report: {html.escape(run_name)}'
+        f"</h1><nav>{nav}</nav>{missing_html}\n" + "\n".join(body) + f'<footer class="note"><p>{html.escape(footer)}'
+        "</p></footer></body></html>\n"
+    )
+
+
+def _export_pngs(sections: list[Section], png_dir: Path) -> str:
+    """PNG copies of every figure through kaleido when it and a Chrome are available; the note says what happened."""
+    figures = {f"{s.key}-{i}": fig for s in sections for i, fig in enumerate(s.figures)}
+    if not figures:
+        return "PNG export: no figures."
+    try:
+        import kaleido  # noqa: F401
+        import plotly.io as pio
+    except ImportError:
+        return "PNG export skipped: kaleido is not installed (pip install kaleido; it also needs a Chrome)."
+    png_dir.mkdir(parents=True, exist_ok=True)
+    try:  # best effort by design: a missing or broken Chrome must not cost the user the HTML report
+        pio.write_images(list(figures.values()), [png_dir / f"{name}.png" for name in figures])
+    except Exception as err:  # noqa: BLE001
+        return f"PNG export skipped: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return f"PNG export: {len(figures)} figures in {png_dir.name}/."
+
+
+def _write_outputs(tmp: Path, sections: list[Section], run_name: str, missing: list[str], html_name: str) -> None:
+    for section in sections:
+        for name, table in section.tables.items():
+            table.to_csv(tmp / f"{name}.csv", index=False)
+    from nas_minitron import __version__
+
+    png_note = _export_pngs(sections, tmp / "png")
+    for section in sections:
+        if section.key == "summary" and "summary" in section.tables:
+            section.notes.append(png_note)
+    footer = f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by nas-minitron {__version__}. {png_note}"
+    (tmp / html_name).write_text(_page_html(run_name, sections, missing, footer), encoding="utf-8")
+
+
+def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Write the run's HTML report (default reports/<run name>/report.html) with CSVs beside it; returns its path."""
+    import shutil
+
+    from nas_minitron.atomic import atomic_directory
+
+    run = Path(run_dir)
+    if not run.is_dir() or not ((run / "config.json").is_file() or (run / "stages").is_dir()):
+        raise UserError(
+            f"{str(run_dir)!r} is not a run directory: expected config.json or stages/ (written by nas-minitron search)."
+        )
+    sections, missing = _build_sections(run)
+    run_name = run.resolve().name
+    if out is None:
+        target = default_report_path(run)
+        with atomic_directory(target.parent, overwrite=True) as tmp:
+            _write_outputs(tmp, sections, run_name, missing, target.name)
+        return target
+    target = Path(out)
+    if target.is_dir():
+        raise UserError(f"--out {str(out)!r} is a directory; expected a file name like report.html.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_outputs(tmp, sections, run_name, missing, target.name)
+        for path in sorted(tmp.rglob("*"), key=lambda p: p.name == target.name):  # the page last
+            if path.is_file():
+                dest = target.parent / path.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

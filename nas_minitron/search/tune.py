@@ -1,0 +1,299 @@
+"""Ray Tune trials with Optuna proposals: the only module that imports ray and optuna.
+
+Each Ray trial prunes one candidate and distills it briefly (`candidate_run.run_candidate`); Optuna, inside Ray
+Tune through `OptunaSearch`, proposes candidates from a define-by-run space that only yields in-budget ones
+(`proposals.py`). The Optuna study lives in real storage (SQLite in the run directory by default), one Optuna trial
+per Ray trial.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nas_minitron.arch import ArchConfig
+from nas_minitron.search.worker import FAILED_KEY, FINAL_KEY
+from nas_minitron.errors import UserError
+from nas_minitron.search.proposals import encode
+
+__all__ = ["RayOptions", "TrialSpec", "check_resources", "close_orphans", "connect_ray", "make_sampler", "optuna_numbers",
+           "run_trials", "study_storage_url", "tpe_startup_trials", "trial_rows"]
+
+STUDY_NAME = "nas-minitron"
+EXPERIMENT_NAME = "trials"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs, by path: shared by all trials, never recomputed in them."""
+
+    run_dir: str
+    teacher_dir: str
+    importance_dir: str
+    train_path: str
+    val_path: str
+    logit_cache_dir: str | None
+    candidates: tuple[str, ...]
+    head_dim: int
+    distill: dict[str, Any]
+    objectives: tuple[str, ...] = ("val_kl",)
+    depth_method: str = "auto"
+    rescale_norms: bool = True
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start a local cluster bound to loopback
+    num_cpus: int | None = None
+    dashboard: bool = True
+    max_concurrent: int = 1
+    max_failures: int = 2
+    sampler: str = "auto"  # auto | tpe | nsga2 | random
+    asha: bool = False
+    seed: int = 0
+    storage_url: str | None = None
+
+
+def study_storage_url(run_dir: str | os.PathLike[str], storage_url: str | None) -> str:
+    return storage_url or f"sqlite:///{Path(run_dir).resolve() / 'optuna.db'}"
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment variables the trial workers must see (read at import time by HF libraries)."""
+    keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "NAS_MINITRON_CACHE",
+            "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k in keys or k.startswith("NAS_MINITRON_FAULT_")}
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _probe(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast on an unreachable host:port (ray.init would retry for minutes)."""
+    import socket
+
+    if address == "auto" or address.startswith("ray://") and ":" not in address[6:]:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address must be 'auto' or host:port (e.g. 127.0.0.1:6379), but got {address!r}.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(f"cannot reach the Ray cluster at --ray-address {address!r}: {err}.") from None
+
+
+def connect_ray(options: RayOptions) -> str | None:
+    """Start (or join) Ray; returns the dashboard URL when there is one. Local clusters bind to loopback only."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return None
+    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": _worker_env()}, log_to_driver=False)
+    if options.address:
+        _probe(options.address)
+        try:
+            context = ray.init(address=options.address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise UserError(f"cannot reach the Ray cluster at --ray-address {options.address!r}: {err}") from None
+    else:
+        temp_dir = Path(tempfile.gettempdir()) / f"nasm-ray-{os.getuid()}"  # short: unix socket path limit
+        context = ray.init(
+            num_cpus=options.num_cpus,
+            include_dashboard=options.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=str(temp_dir),
+            **kwargs,
+        )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial_bytes: int) -> None:
+    """UserError before any work when one trial cannot fit the connected Ray cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    if cpus_per_trial > total.get("CPU", 0):
+        raise UserError(f"--cpus-per-trial {cpus_per_trial} but the Ray cluster has {total.get('CPU', 0):g} CPUs.")
+    if gpus_per_trial > total.get("GPU", 0):
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs.")
+    available = ray.available_resources().get("memory", total.get("memory", 0))
+    if available and memory_per_trial_bytes > available:
+        raise UserError(
+            f"one trial needs about {memory_per_trial_bytes / 2**30:.1f} GiB but the Ray cluster offers "
+            f"{available / 2**30:.1f} GiB of memory; lower --batch-size/--seq-len or use a bigger machine."
+        )
+
+
+def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
+    """One Ray trial: prune and briefly distill the candidate the config names; report as it goes."""
+    from ray import tune
+
+    from nas_minitron.search.worker import run_candidate
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    resume = tune.get_checkpoint()
+    if resume is None:
+        run_candidate(config["arch"], spec, report, None)
+        return
+    with resume.as_directory() as resume_dir:
+        run_candidate(config["arch"], spec, report, Path(resume_dir))
+
+
+def tpe_startup_trials(num_trials: int) -> int:
+    """Random trials before TPE models: Optuna's 10 for searches of 40+ trials, fewer (>= 4) for shorter ones.
+
+    With Optuna's default of 10 a search of <= 10 trials never leaves random sampling; replaying the search on a
+    fully measured table (benchmarks/bench_sampler_simulation.py, RESULTS.md) found the best candidate in 42% of
+    12-trial searches with 4 startup trials vs 18% with 10.
+    """
+    return min(10, max(4, num_trials // 4))
+
+
+def make_sampler(name: str, num_objectives: int, seed: int, num_trials: int = 40):  # type: ignore[no-untyped-def]
+    """The Optuna sampler a search uses: `auto` is TPE (multivariate) for one objective, NSGA-II for several."""
+    import optuna
+
+    name = name if name != "auto" else ("nsga2" if num_objectives > 1 else "tpe")
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                                  n_startup_trials=tpe_startup_trials(num_trials)),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    if name not in samplers:
+        raise UserError(f"sampler {name!r} is not one of {', '.join(samplers)}.")
+    return samplers[name]()
+
+
+def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str], num_trials: int):  # type: ignore[no-untyped-def]
+    import optuna
+
+    from nas_minitron.search.searcher import CandidateSpace, StudySearch
+
+    archs = [ArchConfig.parse(name, spec.head_dim) for name in spec.candidates]
+    objectives = list(spec.objectives)
+    multi = len(objectives) > 1
+    storage = optuna.storages.RDBStorage(study_storage_url(spec.run_dir, options.storage_url))
+    points = [encode(archs, ArchConfig.parse(name, spec.head_dim)) for name in enqueue]
+    return StudySearch(
+        space=CandidateSpace(archs),
+        metric=objectives if multi else objectives[0],
+        mode=["min"] * len(objectives) if multi else "min",
+        sampler=make_sampler(options.sampler, len(objectives), options.seed, num_trials),
+        storage=storage,
+        study_name=STUDY_NAME,
+        points_to_evaluate=points or None,
+        seed=options.seed,
+    )
+
+
+def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: Sequence[str], resume: bool) -> Any:
+    """Run (or resume) the trials and return Ray's ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    storage_path = str(Path(spec.run_dir).resolve() / "ray")
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec=spec), {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+    )
+    experiment = os.path.join(storage_path, EXPERIMENT_NAME)
+    if resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        results = tuner.fit()
+        close_orphans(study_storage_url(spec.run_dir, options.storage_url),
+                      [r.metrics.get("trial_id", "") for r in results if r.metrics])
+        return results
+    scheduler = None
+    if options.asha and len(spec.objectives) == 1:
+        scheduler = ASHAScheduler(metric=spec.objectives[0], mode="min", time_attr="num_tokens",
+                                  max_t=int(spec.distill["num_tokens"]),
+                                  grace_period=max(1, int(spec.distill["num_tokens"]) // 4), reduction_factor=2)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=_search(spec, options, enqueue, num_trials),
+            scheduler=scheduler,
+            num_samples=num_trials,
+            max_concurrent_trials=options.max_concurrent,
+            metric=None,
+            mode=None,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT_NAME,
+            storage_path=storage_path,
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def trial_rows(results: Any) -> list[dict[str, Any]]:
+    """One row per Ray trial (status, metrics at the end and at step 0) and the per-report curves."""
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        last = result.metrics or {}
+        config = result.config or {}
+        failed = bool(last.get(FAILED_KEY))
+        status = "FAILED" if (result.error is not None or failed) else "COMPLETE"
+        if status == "COMPLETE" and not last.get(FINAL_KEY):
+            status = "PRUNED"  # stopped early by the scheduler
+        first = frame.iloc[0].to_dict() if frame is not None and len(frame) else {}
+        rows.append(
+            {
+                "trial_id": last.get("trial_id") or Path(result.path).name,
+                "name": config.get("arch"),
+                "status": status,
+                "error": (str(result.error).splitlines()[0][:300] if result.error else last.get("error", "")),
+                "metrics": last,
+                "first": first,
+                "curve": frame.to_dict("records") if frame is not None else [],
+            }
+        )
+    return rows
+
+
+def close_orphans(storage_url: str, ray_trial_ids: Sequence[str]) -> int:
+    """Tell FAIL for Optuna trials still RUNNING that no Ray trial finished (asked just before a driver crash).
+
+    Ray restores a searcher pickled a little before the crash, so a trial asked after that pickle is asked again
+    under a new id; the old one would stay RUNNING in storage forever. Returns how many were closed.
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get("ray_trial_id") not in ray_trial_ids:
+            study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            closed += 1
+    return closed
+
+
+def optuna_numbers(storage_url: str) -> dict[str, int]:
+    """Ray trial id -> Optuna trial number, from the study in storage."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
+    except KeyError:
+        return {}
+    return {t.user_attrs["ray_trial_id"]: t.number for t in study.trials if "ray_trial_id" in t.user_attrs}
