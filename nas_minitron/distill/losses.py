@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "evenly_spaced_layer_map",
+    "next_token_loss",
     "forward_kl",
     "intermediate_state_loss",
     "topk_forward_kl",
@@ -107,3 +108,17 @@ def evenly_spaced_layer_map(num_student_layers: int, num_teacher_layers: int) ->
     return tuple(
         round((i + 1) * num_teacher_layers / num_student_layers) - 1 for i in range(num_student_layers)
     )
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy in float32: logits [B, T, V] at position t predict tokens [B, T] at t + 1.
+
+    `reduction="mean"` gives the scalar over all B * (T-1) predictions; `"none"` the per-prediction losses [B, T-1].
+    The one LM loss of the package: the trainer's LM term, validation loss and the importance / layer-removal passes.
+    """
+    import torch.nn.functional as F
+
+    targets = tokens[:, 1:]  # [B, T-1]
+    vocab = logits.shape[-1]
+    losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), targets.reshape(-1), reduction=reduction)
+    return losses.view_as(targets) if reduction == "none" else losses
