@@ -20,23 +20,41 @@ Order: the source's files (shards) are shuffled under `seed`, then documents pas
 `SHUFFLE_BUFFER_DOCS` documents, so memory stays bounded by that buffer however large the corpus is. Each document
 is tokenized on its own (no special tokens), followed by the tokenizer's EOS, and the token stream is cut into
 `seq_len` chunks; a last partial chunk is dropped.
+
+Packed sequences are saved as a safetensors file holding one int64 tensor `tokens` [N, T] (`save_sequences`,
+`load_sequences`): a run's data/*.safetensors and the search's train/validation files.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import random
 import sys
+import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics as _PYDOC_TOPICS
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.errors import UserError
+from nas_minitron.teacher import tokenizer_fingerprint
 
 if TYPE_CHECKING:
+    import datasets
+    import pyarrow.parquet as pq
+    import safetensors.torch as st
     import torch
+    from transformers import PreTrainedTokenizerBase
+else:
+    datasets = lazy_import("datasets")
+    pq = lazy_import("pyarrow.parquet")
+    st = lazy_import("safetensors.torch")
+    torch = lazy_import("torch")
 
 __all__ = [
     "BUILTIN",
@@ -45,6 +63,8 @@ __all__ = [
     "data_fingerprint",
     "iter_documents",
     "iter_sequences",
+    "load_sequences",
+    "save_sequences",
     "split_of",
     "take_sequences",
 ]
@@ -82,8 +102,6 @@ def _check_split(split: str) -> None:
 
 # ---- sources -----------------------------------------------------------------------------------------------------
 def _stdlib_root() -> Path:
-    import sysconfig
-
     return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -97,17 +115,19 @@ def _stdlib_files() -> list[Path]:
 
 def _builtin_shards() -> list[_Shard]:
     def pydoc_topics() -> Iterator[tuple[str, str]]:
-        from pydoc_data.topics import topics
-
-        for name in sorted(topics):
-            yield f"pydoc/{name}", topics[name]
+        for name in sorted(_PYDOC_TOPICS):
+            yield f"pydoc/{name}", _PYDOC_TOPICS[name]
 
     root = _stdlib_root()
     shards = [_Shard("pydoc", pydoc_topics)]
     for path in _stdlib_files():
         rel = path.relative_to(root).as_posix()
-        shards.append(_Shard(rel, lambda path=path, rel=rel: iter([(f"stdlib/{rel}", _read_text(path))])))
+        shards.append(_Shard(rel, functools.partial(_stdlib_document, path, rel)))
     return shards
+
+
+def _stdlib_document(path: Path, rel: str) -> Iterator[tuple[str, str]]:
+    yield f"stdlib/{rel}", _read_text(path)
 
 
 def _read_text(path: Path) -> str:
@@ -161,14 +181,14 @@ def _iter_json(path: Path, rel: str, column: str) -> Iterator[tuple[str, str]]:
     if isinstance(rows, dict):
         rows = rows.get("data", rows.get("rows"))
     if not isinstance(rows, list):
-        raise UserError(f"{rel}: expected a JSON list of rows (or {{'data': [...]}}) of objects with a {column!r} field.")
+        raise UserError(
+            f"{rel}: expected a JSON list of rows (or {{'data': [...]}}) of objects with a {column!r} field."
+        )
     for index, row in enumerate(rows):
         yield f"{rel}#{index}", _row_text(row, column, f"{rel}[{index}]")
 
 
 def _iter_parquet(path: Path, rel: str, column: str) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
     parquet = pq.ParquetFile(path)
     names = parquet.schema_arrow.names
     if column not in names:
@@ -192,13 +212,15 @@ def _local_files(root: Path) -> list[Path]:
 
 
 def _local_shards(root: Path, column: str) -> list[_Shard]:
-    readers = {".txt": _iter_txt, ".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet}
+    readers: dict[str, Callable[..., Iterator[tuple[str, str]]]] = {
+        ".txt": _iter_txt, ".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet,
+    }
     shards = []
     for path in _local_files(root):
         rel = path.name if root.is_file() else path.relative_to(root).as_posix()
         reader = readers[path.suffix]
         args = (path, rel) if path.suffix == ".txt" else (path, rel, column)
-        shards.append(_Shard(rel, lambda reader=reader, args=args: reader(*args)))
+        shards.append(_Shard(rel, functools.partial(reader, *args)))
     return shards
 
 
@@ -222,10 +244,9 @@ def _parse_hub(data: str, column: str) -> _HubSpec:
 
 def _hub_shards(spec: _HubSpec) -> list[_Shard]:
     def rows() -> Iterator[tuple[str, str]]:
-        import datasets
-
+        load_dataset = datasets.load_dataset  # outside the try: a missing `datasets` is not a data-spec error
         try:
-            stream = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+            stream = load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
         except Exception as err:  # noqa: BLE001 - any hub/cache failure is the user's data spec
             raise UserError(f"could not open hub dataset {spec.name!r} ({type(err).__name__}: {err}).") from None
         # Row ids are positions in the unshuffled stream, so the split rule stays stable; order comes from our buffer.
@@ -280,7 +301,7 @@ def iter_documents(data: str, split: str, seed: int = 0, text_column: str = "tex
     yield from _buffer_shuffle(in_split(), rng, SHUFFLE_BUFFER_DOCS)
 
 
-def _separator(tokenizer: Any) -> list[int]:
+def _separator(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
         if token_id is not None:
             return [int(token_id)]
@@ -288,11 +309,14 @@ def _separator(tokenizer: Any) -> list[int]:
 
 
 def iter_sequences(
-    data: str, tokenizer: Any, split: str, seq_len: int, seed: int = 0, text_column: str = "text"
+    data: str,
+    tokenizer: PreTrainedTokenizerBase,
+    split: str,
+    seq_len: int,
+    seed: int = 0,
+    text_column: str = "text",
 ) -> Iterator[torch.Tensor]:
     """int64 tensors of shape [seq_len]: documents tokenized one at a time, EOS-separated, packed, streamed."""
-    import torch
-
     if seq_len < 1:
         raise UserError(f"seq_len must be at least 1, but got {seq_len}.")
     separator = _separator(tokenizer)
@@ -309,7 +333,7 @@ def iter_sequences(
 
 def take_sequences(
     data: str,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     split: str,
     seq_len: int,
     num_sequences: int,
@@ -317,8 +341,6 @@ def take_sequences(
     text_column: str = "text",
 ) -> torch.Tensor:
     """The first `num_sequences` packed sequences of a split: [num_sequences, seq_len] int64."""
-    import torch
-
     if num_sequences < 1:
         raise UserError(f"the number of sequences must be at least 1, but got {num_sequences}.")
     rows: list[torch.Tensor] = []
@@ -334,6 +356,17 @@ def take_sequences(
     )
 
 
+# ---- sequence files ----------------------------------------------------------------------------------------------
+def save_sequences(path: str | os.PathLike[str], tokens: torch.Tensor) -> None:
+    """Write token ids [N, T] as the `tokens` tensor of a safetensors file."""
+    st.save_file({"tokens": tokens.contiguous()}, str(path))
+
+
+def load_sequences(path: str | os.PathLike[str]) -> torch.Tensor:
+    """The token ids [N, T] a `save_sequences` file holds."""
+    return st.load_file(str(path))["tokens"]
+
+
 # ---- fingerprint -------------------------------------------------------------------------------------------------
 def _source_fingerprint(data: str, text_column: str) -> dict[str, Any]:
     """What identifies a source's content cheaply: file names, sizes and modification times (no full read)."""
@@ -346,16 +379,9 @@ def _source_fingerprint(data: str, text_column: str) -> dict[str, Any]:
     path = Path(data).expanduser()
     if not path.exists():
         _shards(data, text_column, 0)  # raises the UserError
-    files = [(p.name if path.is_file() else p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-             for p in _local_files(path)]
-    return {"local": str(path.resolve()), "files": _digest(files), "text_column": text_column}
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
-    return _digest(sorted(tokenizer.get_vocab().items()))
+    listing = [(p.name if path.is_file() else p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+               for p in _local_files(path)]
+    return {"local": str(path.resolve()), "files": _digest(listing), "text_column": text_column}
 
 
 def _digest(value: Any) -> str:
@@ -364,7 +390,7 @@ def _digest(value: Any) -> str:
 
 def data_fingerprint(
     data: str,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     split: str | None = None,
     seq_len: int | None = None,
     num_sequences: int | None = None,
@@ -376,7 +402,7 @@ def data_fingerprint(
         "source": _source_fingerprint(data, text_column),
         "split_rule": SPLIT_RULE_VERSION,
         "bounds": SPLIT_BOUNDS,
-        "tokenizer": None if tokenizer is None else _tokenizer_fingerprint(tokenizer),
+        "tokenizer": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
         "split": split,
         "seq_len": seq_len,
         "num_sequences": num_sequences,

@@ -3,6 +3,10 @@
 GGUF teachers (the embedded default is one) are converted once into a local safetensors cache, because a model
 loaded from GGUF refuses `save_pretrained` and every later load from safetensors takes seconds, not ~20 s.
 The cache lives in `--cache-dir`, else `$NAS_MINITRON_CACHE`, else `~/.cache/nas-minitron`.
+
+Also the one reader of a teacher's config (`read_teacher_config`; presets add their names on top of it) and the
+two teacher fingerprints (`tokenizer_fingerprint`, `weights_fingerprint`) that caches and saved records compare.
+A low-level leaf: it imports only families, errors, atomic and _lazy (torch and transformers lazily).
 """
 
 from __future__ import annotations
@@ -14,15 +18,29 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.families import get_family
+from nas_minitron._lazy import lazy_import
 from nas_minitron.atomic import atomic_directory
-from nas_minitron.errors import UserError
+from nas_minitron.errors import UserError, first_line
+from nas_minitron.families import get_family
 
 if TYPE_CHECKING:
     import torch
+    import transformers
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = lazy_import("torch")
+    transformers = lazy_import("transformers")
 
-__all__ = ["DEFAULT_TEACHER", "cache_root", "load_teacher", "load_teacher_config", "resolve_teacher_dir"]
+__all__ = [
+    "DEFAULT_TEACHER",
+    "cache_root",
+    "load_teacher",
+    "load_teacher_config",
+    "read_teacher_config",
+    "resolve_teacher_dir",
+    "tokenizer_fingerprint",
+    "weights_fingerprint",
+]
 
 DEFAULT_TEACHER = "smollm2-135m"
 _EMBEDDED = {
@@ -63,14 +81,13 @@ def _gguf_cache_dir(gguf: Path, cache: Path, alias: str | None) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint once into a float32 safetensors directory with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with atomic_directory(out, overwrite=True) as tmp:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         # GGUF-loaded models refuse save_pretrained although their weights are plain float32 by now.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -110,20 +127,27 @@ def resolve_teacher_dir(spec: str, cache_dir: str | os.PathLike[str] | None = No
     )
 
 
+def read_teacher_config(where: str, trust_remote_code: bool = False, what: str | None = None) -> dict[str, Any]:
+    """The config transformers reads at `where` (a model directory, a hub id or a config.json file) as a dict,
+    after checking that its family is supported; never loads weights. `what` names it in the UserError."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read {what or repr(where)}: {first_line(err)}") from None
+    data: dict[str, Any] = config.to_dict()
+    get_family(str(data.get("model_type")))
+    return data
+
+
 def load_teacher_config(
     spec: str, cache_dir: str | os.PathLike[str] | None = None, trust_remote_code: bool = False
 ) -> dict[str, Any]:
-    """The teacher's full config as a dict (no weights), after checking that its family is supported."""
-    from transformers import AutoConfig
+    """The teacher's full config as a dict (no weights), after checking that its family is supported.
 
+    A missing teacher fails in `resolve_teacher_dir`, before transformers is imported.
+    """
     where = resolve_teacher_dir(spec, cache_dir)
-    try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not read the config of teacher {spec!r}: {_first_line(err)}") from None
-    data = config.to_dict()
-    get_family(str(data.get("model_type")))
-    return data
+    return read_teacher_config(where, trust_remote_code, f"the config of teacher {spec!r}")
 
 
 def load_teacher(
@@ -134,23 +158,34 @@ def load_teacher(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a supported teacher and its tokenizer in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     load_teacher_config(spec, cache_dir, trust_remote_code)  # refuses unsupported families before the weights
     where = resolve_teacher_dir(spec, cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load teacher {spec!r}: {_first_line(err)}") from None
-    model.to(device)
+        raise UserError(f"could not load teacher {spec!r}: {first_line(err)}") from None
+    model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     model.eval()
     return model, tokenizer
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+# ---- fingerprints: what caches and saved records compare ----------------------------------------------------------
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the token -> id map: equal fingerprints mean the same token ids for the same text."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def weights_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of every tensor's name, shape, dtype and a strided sample of its values (not a full read)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = torch.cat([flat[::step][:4096], flat[-64:]]).float().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

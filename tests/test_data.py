@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_tokenizer
 
 from nas_minitron.data import (
     SPLITS,
+    _parse_hub,
     data_fingerprint,
     iter_documents,
     iter_sequences,
@@ -16,6 +16,7 @@ from nas_minitron.data import (
     take_sequences,
 )
 from nas_minitron.errors import UserError
+from tiny_models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,6 @@ def test_fingerprint_tracks_inputs(tmp_path: Path, tokenizer) -> None:  # type: 
 
 
 def test_hub_spec_is_parsed() -> None:
-    from nas_minitron.data import _parse_hub
-
     spec = _parse_hub("hf:org/name:cfg:-:body", "text")
     assert (spec.name, spec.config, spec.split, spec.column) == ("org/name", "cfg", "train", "body")
     with pytest.raises(UserError, match="hf:NAME"):

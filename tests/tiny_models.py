@@ -46,6 +46,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides: Any) -> Pr
 def tiny_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A real byte-level BPE tokenizer trained on CPython's pydoc topics (offline, ~1 s)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

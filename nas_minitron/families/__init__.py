@@ -2,18 +2,25 @@
 
 Supported: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm). All share the Llama layout;
 they differ in biases, norms and which shapes transformers' config validation accepts.
+
+`describe(config)` / `describe_model(model)` are the one way to read a teacher's (family, ArchConfig).
+Imports only the leaf modules `arch` and `errors`, never torch or transformers: candidate enumeration for a
+70B-sized preset runs on config dicts alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nas_minitron.families._decoder import DecoderFamily, LayerParts
-from nas_minitron.arch import Invariants
+from nas_minitron.arch import ArchConfig, Invariants
 from nas_minitron.errors import UserError
+from nas_minitron.families._decoder import DecoderFamily, LayerParts
 
-__all__ = ["DecoderFamily", "LayerParts", "SUPPORTED_MODEL_TYPES", "get_family"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "DecoderFamily", "LayerParts", "describe", "describe_model", "get_family"]
 
 
 def _tied(config: Mapping[str, Any]) -> bool:
@@ -72,3 +79,17 @@ def get_family(model_type: str) -> DecoderFamily:
         raise UserError(
             f"model_type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
         ) from None
+
+
+def describe(config: Mapping[str, Any]) -> tuple[DecoderFamily, ArchConfig]:
+    """The family of a config dict (`config.to_dict()` or a preset) and its prunable shape.
+
+    A missing or unsupported `model_type` is a UserError listing the supported ones.
+    """
+    family = get_family(str(config.get("model_type")))
+    return family, family.arch_from_config(config)
+
+
+def describe_model(model: PreTrainedModel) -> tuple[DecoderFamily, ArchConfig]:
+    """`describe` of a live model's config."""
+    return describe(model.config.to_dict())

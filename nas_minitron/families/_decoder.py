@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nas_minitron.arch import ArchConfig, Invariants, nearest_loadable_hidden_sizes
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 __all__ = ["DecoderFamily", "LayerParts"]
 
@@ -20,7 +24,11 @@ _DROPPED_KEYS = ("quantization_config", "transformers_version", "_name_or_path",
 
 @dataclass
 class LayerParts:
-    """The live modules of one decoder layer (a view into the model, not a record)."""
+    """The live modules of one decoder layer (a view into the model, not a record).
+
+    Typed `Any`: projections are `nn.Linear`s and norms the family's own RMSNorm class, but torch declares neither
+    `Linear.bias` nor a norm's `weight`, so `nn.Module` types would only turn every use into `Tensor | Module`.
+    """
 
     q_proj: Any
     k_proj: Any
@@ -42,7 +50,7 @@ class DecoderFamily:
     model_type: str
     invariants_from: Callable[[Mapping[str, Any]], Invariants]
     # transformers' config validation: LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an
-    # explicit head_dim; the other families accept any hidden size (checked by tests/test_loadability.py).
+    # explicit head_dim; the other families accept any hidden size (checked by tests/families/test_loadability.py).
     hidden_divisible_by_heads: bool = False
     has_qk_norm: bool = False
 
@@ -91,16 +99,18 @@ class DecoderFamily:
         return config
 
     # ---- module side (live models) ---------------------------------------------------------------------------
-    def decoder_layers(self, model: Any) -> Any:
-        return model.model.layers
+    def decoder_layers(self, model: PreTrainedModel) -> torch.nn.ModuleList:
+        layers: torch.nn.ModuleList = model.model.layers
+        return layers
 
-    def embed_tokens(self, model: Any) -> Any:
-        return model.model.embed_tokens
+    def embed_tokens(self, model: PreTrainedModel) -> torch.nn.Embedding:
+        embed: torch.nn.Embedding = model.model.embed_tokens
+        return embed
 
-    def final_norm(self, model: Any) -> Any:
+    def final_norm(self, model: PreTrainedModel) -> Any:  # the family's RMSNorm (see LayerParts)
         return model.model.norm
 
-    def lm_head(self, model: Any) -> Any:
+    def lm_head(self, model: PreTrainedModel) -> Any:  # an nn.Linear (see LayerParts)
         return model.lm_head
 
     def layer_parts(self, layer: Any) -> LayerParts:
@@ -119,5 +129,5 @@ class DecoderFamily:
             k_norm=getattr(attn, "k_norm", None) if self.has_qk_norm else None,
         )
 
-    def all_layer_parts(self, model: Any) -> list[LayerParts]:
+    def all_layer_parts(self, model: PreTrainedModel) -> list[LayerParts]:
         return [self.layer_parts(layer) for layer in self.decoder_layers(model)]

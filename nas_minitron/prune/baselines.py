@@ -6,31 +6,34 @@ with it), so "magnitude" means the same thing on every axis. Both return an `Imp
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from nas_minitron.families import DecoderFamily, get_family
+from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
+from nas_minitron.families import LayerParts, describe_model
 from nas_minitron.prune.scores import ImportanceScores
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
 
 __all__ = ["CRITERIA", "magnitude_scores", "random_scores"]
 
 CRITERIA = ("magnitude", "random")
 
 
-def _sq(weight: torch.Tensor, dim: int) -> torch.Tensor:
+def _sq(weight: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     """Sum of squares along `dim`, in float32."""
     return weight.detach().float().pow(2).sum(dim=dim)
 
 
 def magnitude_scores(model: PreTrainedModel) -> ImportanceScores:
-    import torch
-
-    family: DecoderFamily = get_family(model.config.model_type)
-    arch = family.arch_from_config(model.config.to_dict())
+    family, arch = describe_model(model)
     d = arch.head_dim
     heads, neurons, layer_norms = [], [], []
     channels = _sq(family.embed_tokens(model).weight, 0) + family.final_norm(model).weight.detach().float() ** 2
@@ -49,7 +52,8 @@ def magnitude_scores(model: PreTrainedModel) -> ImportanceScores:
             channels += _sq(linear.weight, 1)
         for norm in (parts.input_layernorm, parts.post_attention_layernorm):
             channels += norm.weight.detach().float() ** 2
-        layer_norms.append(sum(_sq(p, tuple(range(p.dim()))) for p in _layer_params(parts)))
+        squares = (_sq(p, tuple(range(p.dim()))) for p in _layer_params(parts))
+        layer_norms.append(functools.reduce(operator.add, squares))  # = sum(), without its 0 start
     return ImportanceScores(
         heads=torch.stack(heads),
         neurons=torch.stack(neurons),
@@ -59,7 +63,7 @@ def magnitude_scores(model: PreTrainedModel) -> ImportanceScores:
     )
 
 
-def _layer_params(parts):  # type: ignore[no-untyped-def]
+def _layer_params(parts: LayerParts) -> Iterator[torch.Tensor]:
     for linear in (parts.q_proj, parts.k_proj, parts.v_proj, parts.o_proj, parts.gate_proj, parts.up_proj,
                    parts.down_proj):
         yield linear.weight
@@ -67,8 +71,6 @@ def _layer_params(parts):  # type: ignore[no-untyped-def]
 
 def random_scores(arch: ArchConfig, seed: int) -> ImportanceScores:
     """Seeded uniform scores: keep sets drawn uniformly at random, reproducible by seed."""
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     layers = arch.num_hidden_layers
     return ImportanceScores(

@@ -16,22 +16,31 @@ are skipped) from extra forward passes over the first `loss_sequences` sequences
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.families import get_family
+from nas_minitron._lazy import lazy_import
 from nas_minitron.errors import UserError
+from nas_minitron.families import describe_model, get_family
+from nas_minitron.prune.lm_loss import removal_losses, token_loss_sum
 from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.runtime import bf16_autocast
 
 if TYPE_CHECKING:
     import torch
+    import tqdm.auto as tqdm_auto
     from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
+    tqdm_auto = lazy_import("tqdm.auto")
 
 __all__ = [
-    "BATCH_AGGS", "HEAD_METRICS", "REUSE_KEYS", "SEQ_AGGS", "check_aggregations", "compute_importance", "importance_hooks",
-    "reusable_scores", "weights_fingerprint",
+    "BATCH_AGGS", "HEAD_METRICS", "REUSE_KEYS", "SEQ_AGGS", "check_aggregations", "compute_importance",
+    "importance_hooks", "reusable_scores",
 ]
 
 BATCH_AGGS = ("l2", "mean")
@@ -83,7 +92,8 @@ def _finalize(acc: torch.Tensor, num_sequences: int, batch_agg: str) -> torch.Te
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    first: torch.Tensor = output[0] if isinstance(output, tuple) else output
+    return first
 
 
 @contextlib.contextmanager
@@ -92,8 +102,6 @@ def importance_hooks(
     head_metric: str = "contribution",
 ) -> Iterator[_Accumulators]:
     """Register the scoring hooks for the block's duration; they read `acc.mask` of the batch in flight."""
-    import torch
-
     family = get_family(model.config.model_type)
     num_heads = acc.heads.shape[1]
     handles = []
@@ -164,8 +172,6 @@ _STAGES = ("input norm output", "attention output (o_proj input)", "post-attenti
 
 def _check_finite(acc: _Accumulators) -> None:
     """UserError naming the first layer (in forward order) whose activations went NaN/Inf; one sync per batch."""
-    import torch
-
     norms = acc.channels[:-1].isfinite().all(dim=1).view(-1, 2)  # [L, 2]: input norm, post-attention norm
     finite = torch.stack(
         [norms[:, 0], acc.heads.isfinite().all(dim=1), norms[:, 1], acc.neurons.isfinite().all(dim=1)], dim=1
@@ -180,10 +186,8 @@ def _check_finite(acc: _Accumulators) -> None:
     raise UserError(f"non-finite (NaN/Inf) activations in layer {layer}: {_STAGES[stage]}.")
 
 
-def _progress(total_tokens: int, label: str, enabled: bool):  # type: ignore[no-untyped-def]
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_tokens, desc=label, unit="tok", unit_scale=True, disable=not enabled, leave=False)
+def _progress(total_tokens: int, label: str, enabled: bool) -> tqdm_auto.tqdm[Any]:
+    return tqdm_auto.tqdm(total=total_tokens, desc=label, unit="tok", unit_scale=True, disable=not enabled, leave=False)
 
 
 def _check_inputs(model: PreTrainedModel, batches: torch.Tensor, batch_size: int, batch_agg: str, seq_agg: str,
@@ -210,10 +214,6 @@ def _width_pass(
     options: dict[str, Any],
 ) -> tuple[float, int]:
     """The hooked pass over all batches; returns (summed LM loss, predicted tokens) when layer metrics are on."""
-    import torch
-
-    from nas_minitron.prune.lm_loss import autocast_for, token_loss_sum
-
     device = next(model.parameters()).device
     want_loss = options["loss_sequences"] > 0
     total, count = 0.0, 0
@@ -221,7 +221,7 @@ def _width_pass(
     hooks = importance_hooks(model, acc, options["batch_agg"], options["seq_agg"], options["layer_metrics"],
                              options["head_metric"])
     with hooks as state, \
-            torch.inference_mode(), autocast_for(model), bar:
+            torch.inference_mode(), bf16_autocast(device, device.type == "cuda"), bar:
         for start in range(0, batches.shape[0], options["batch_size"]):
             ids = batches[start : start + options["batch_size"]].to(device)  # [b, T]
             part = None if mask is None else mask[start : start + options["batch_size"]].to(device)
@@ -245,8 +245,6 @@ def _removal_losses(
     options: dict[str, Any],
 ) -> dict[tuple[int, ...], float]:
     """Mean LM loss with each set of layers skipped, on the first `loss_sequences` sequences."""
-    from nas_minitron.prune.lm_loss import removal_losses
-
     rows = options["loss_sequences"]
     with _progress(len(removals) * rows * batches.shape[1], "layer removal", options["progress"]) as bar:
         return removal_losses(model, batches[:rows], None if mask is None else mask[:rows], removals,
@@ -274,11 +272,8 @@ def compute_importance(
     from the same pass; `layer_loss` adds `loss_drop` and `windows[k]` for each k in `window_sizes`, measured on the
     first `loss_sequences` sequences (default all). `attention_mask` [N, T] (1 = real token) masks padding.
     """
-    import torch
-
     _check_inputs(model, batches, batch_size, batch_agg, seq_agg, head_metric)
-    family = get_family(model.config.model_type)
-    arch = family.arch_from_config(model.config.to_dict())
+    _, arch = describe_model(model)
     num_layers, num_sequences = arch.num_hidden_layers, int(batches.shape[0])
     windows = sorted({int(k) for k in window_sizes}) if layer_metrics and layer_loss else []
     if any(not 1 <= k < num_layers for k in windows):
@@ -336,26 +331,8 @@ REUSE_KEYS = (
 )
 
 
-def weights_fingerprint(model: PreTrainedModel) -> str:
-    """A short hash of every tensor's name, shape, dtype and a strided sample of its values (not a full read)."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = torch.cat([flat[::step][:4096], flat[-64:]]).float().cpu()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def reusable_scores(directory: Any, expected: dict[str, Any]) -> ImportanceScores | None:
+def reusable_scores(directory: str | os.PathLike[str], expected: dict[str, Any]) -> ImportanceScores | None:
     """The record saved in `directory` if its inputs match `expected`; None if there is none; UserError otherwise."""
-    from pathlib import Path
-
     if not (Path(directory) / "scores.json").is_file():
         return None
     scores = ImportanceScores.load(directory)

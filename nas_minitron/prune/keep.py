@@ -11,10 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
+from nas_minitron.prune.scores import ImportanceScores
 
 if TYPE_CHECKING:
-    from nas_minitron.prune.scores import ImportanceScores
+    import torch
+else:
+    torch = lazy_import("torch")
 
 __all__ = ["DEPTH_METHODS", "KeepIndices", "keep_all", "keep_from_scores"]
 
@@ -90,15 +94,15 @@ def keep_all(teacher: ArchConfig) -> KeepIndices:
     )
 
 
-def _top(scores: Any, k: int) -> tuple[int, ...]:
+def _top(scores: torch.Tensor, k: int) -> tuple[int, ...]:
     """Indices of the k largest scores, in increasing index order (stable tie-break on index)."""
-    import torch
-
     order = torch.argsort(scores.double(), descending=True, stable=True)[:k]
     return tuple(sorted(int(i) for i in order))
 
 
-def select_layers(scores: ImportanceScores, num_layers: int, total_layers: int, method: str = "auto") -> tuple[int, ...]:
+def select_layers(
+    scores: ImportanceScores, num_layers: int, total_layers: int, method: str = "auto"
+) -> tuple[int, ...]:
     """Kept layer indices for a depth of `num_layers`.
 
     `contiguous` drops the window of `total_layers - num_layers` adjacent layers whose removal hurt the LM loss

@@ -12,33 +12,24 @@ import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
+from nas_minitron.distill.losses import next_token_loss
 from nas_minitron.families import get_family
+from nas_minitron.runtime import bf16_autocast
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
 
-__all__ = ["autocast_for", "batch_losses", "lm_loss", "removal_losses", "skipped_layers", "token_loss_sum"]
-
-
-def autocast_for(model: PreTrainedModel) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; nothing (the weights' own dtype, float32 for a CPU teacher) elsewhere."""
-    import torch
-
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+__all__ = ["batch_losses", "lm_loss", "removal_losses", "skipped_layers", "token_loss_sum"]
 
 
 def token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
     """Summed next-token cross-entropy (float32) and the number of predicted tokens; padding masked."""
-    import torch
-
     targets = input_ids[:, 1:]  # [B, T-1]
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none"
-    ).view_as(targets)  # [B, T-1]
+    losses = next_token_loss(logits, input_ids, reduction="none")  # [B, T-1]
     if mask is None:
         return float(losses.sum()), targets.numel()
     # a target counts only when both it and the token predicting it are real tokens
@@ -50,11 +41,9 @@ def batch_losses(
     model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor | None, batch_size: int
 ) -> tuple[float, int]:
     """(summed loss, predicted tokens) over [N, T] input ids, run `batch_size` rows at a time."""
-    import torch
-
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with torch.inference_mode(), autocast_for(model):
+    with torch.inference_mode(), bf16_autocast(device, device.type == "cuda"):
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size].to(device)  # [b, T]
             part = None if mask is None else mask[start : start + batch_size].to(device)
@@ -73,7 +62,7 @@ def lm_loss(
     return total / count if count else math.nan
 
 
-def _layer_list_owner(model: PreTrainedModel) -> tuple[Any, str]:
+def _layer_list_owner(model: PreTrainedModel) -> tuple[torch.nn.Module, str]:
     """(module, attribute) that holds the decoder's layer list, found by identity so no family is hard-coded."""
     layers = get_family(model.config.model_type).decoder_layers(model)
     for module in model.modules():
@@ -86,8 +75,6 @@ def _layer_list_owner(model: PreTrainedModel) -> tuple[Any, str]:
 @contextlib.contextmanager
 def skipped_layers(model: PreTrainedModel, drop: Collection[int]) -> Iterator[None]:
     """Run the model without the layers in `drop` (teacher indices) inside the block; restored afterwards."""
-    import torch
-
     owner, name = _layer_list_owner(model)
     original = getattr(owner, name)
     kept = torch.nn.ModuleList([layer for i, layer in enumerate(original) if i not in set(drop)])
@@ -98,9 +85,8 @@ def skipped_layers(model: PreTrainedModel, drop: Collection[int]) -> Iterator[No
         setattr(owner, name, original)
 
 
-def _cached_prefix(hidden: torch.Tensor, like: Any) -> Any:
+def _cached_prefix(hidden: torch.Tensor, like: torch.nn.Module) -> torch.nn.Module:
     """A stand-in for layers 0..i-1 that returns their already computed output instead of recomputing it."""
-    import torch
 
     class CachedPrefix(torch.nn.Module):
         def __init__(self) -> None:
@@ -119,20 +105,18 @@ def removal_losses(
     mask: torch.Tensor | None,
     removals: Sequence[tuple[int, ...]],
     batch_size: int,
-    on_tokens: Callable[[int], None] | None = None,
+    on_tokens: Callable[[int], object] | None = None,
 ) -> dict[tuple[int, ...], float]:
     """Mean LM loss with each set of layers skipped, over [N, T] input ids.
 
     Per batch, one pass records every layer's input; a removal starting at layer i then reruns only layers after
     it, fed the recorded input of layer i (about half the work of a full forward on average).
     """
-    import torch
-
     owner, name = _layer_list_owner(model)
     original = getattr(owner, name)
     device = next(model.parameters()).device
     sums = {drop: [0.0, 0] for drop in removals}
-    with torch.inference_mode(), autocast_for(model):
+    with torch.inference_mode(), bf16_autocast(device, device.type == "cuda"):
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size].to(device)  # [b, T]
             part = None if mask is None else mask[start : start + batch_size].to(device)
@@ -154,7 +138,9 @@ def removal_losses(
     return {drop: total / max(count, 1) for drop, (total, count) in sums.items()}
 
 
-def _layer_inputs(model: PreTrainedModel, layers: Any, ids: torch.Tensor, mask: torch.Tensor | None) -> list[Any]:
+def _layer_inputs(
+    model: PreTrainedModel, layers: torch.nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor | None
+) -> list[Any]:
     """Every decoder layer's input hidden states for one batch (the LM head is skipped)."""
     inputs: list[Any] = [None] * len(layers)
 

@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.families import get_family
 from nas_minitron.arch import ArchConfig, count_params
 from nas_minitron.errors import UserError
+from nas_minitron.families import describe
 from nas_minitron.prune.keep import KeepIndices, keep_from_scores
+from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.prune.surgery import check_target
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from nas_minitron.prune.scores import ImportanceScores
 
 __all__ = ["PLAN_FILE", "PLAN_VERSION", "PruningPlan", "plan_for", "save_student", "target_arch"]
 
@@ -88,8 +87,7 @@ class PruningPlan:
 
 def target_arch(teacher_config: dict[str, Any], arch_name: str) -> ArchConfig:
     """Parse `arch_name` against a teacher config and refuse it unless it can be pruned and loaded."""
-    family = get_family(str(teacher_config.get("model_type")))
-    teacher = family.arch_from_config(teacher_config)
+    family, teacher = describe(teacher_config)
     target = ArchConfig.parse(arch_name, head_dim=teacher.head_dim)
     check_target(family, teacher, target)
     return target
@@ -106,8 +104,7 @@ def plan_for(
 ) -> PruningPlan:
     """Choose kept indices from `scores` (any criterion) for `target`."""
     config = teacher.config.to_dict()
-    family = get_family(config["model_type"])
-    t_arch = family.arch_from_config(config)
+    family, t_arch = describe(config)
     expected = (t_arch.num_hidden_layers, t_arch.num_attention_heads, t_arch.intermediate_size, t_arch.hidden_size)
     got = (scores.heads.shape[0], scores.heads.shape[1], scores.neurons.shape[1], scores.channels.shape[0])
     if got != expected:

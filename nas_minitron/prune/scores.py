@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
+    import safetensors.torch as st
     import torch
+else:
+    st = lazy_import("safetensors.torch")
 
 __all__ = ["FORMAT_VERSION", "ImportanceScores"]
 
@@ -49,20 +53,16 @@ class ImportanceScores:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write `scores.safetensors` and `scores.json` into an existing directory."""
-        from safetensors.torch import save_file
-
         out = Path(directory)
         tensors = {"heads": self.heads, "neurons": self.neurons, "channels": self.channels}
         tensors.update({f"layers.{name}": value for name, value in self.layers.items()})
         tensors.update({f"windows.{k}": value for k, value in self.windows.items()})
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(out / _TENSORS_FILE))
+        st.save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(out / _TENSORS_FILE))
         meta = dict(self.meta, format_version=FORMAT_VERSION)
         (out / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ImportanceScores:
-        from safetensors.torch import load_file
-
         src = Path(directory)
         if not (src / _TENSORS_FILE).is_file() or not (src / _META_FILE).is_file():
             raise UserError(
@@ -75,7 +75,7 @@ class ImportanceScores:
                 f"importance directory {str(src)!r} has format_version={meta.get('format_version')!r}; "
                 f"this nas-minitron reads format_version={FORMAT_VERSION}. Recompute it."
             )
-        tensors = load_file(str(src / _TENSORS_FILE))
+        tensors = st.load_file(str(src / _TENSORS_FILE))
         layers = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")}
         windows = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("windows.")}
         return cls(tensors["heads"], tensors["neurons"], tensors["channels"], layers, windows, meta)

@@ -7,24 +7,27 @@ order reproduces the teacher bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from nas_minitron.families import DecoderFamily, get_family
+from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig, count_params, prune_problems
 from nas_minitron.errors import UserError
+from nas_minitron.families import DecoderFamily, describe_model
 from nas_minitron.prune.keep import KeepIndices
 
 if TYPE_CHECKING:
     import torch
+    import transformers
+    import transformers.initialization as transformers_init
     from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
+    transformers = lazy_import("transformers")
+    transformers_init = lazy_import("transformers.initialization")
 
-__all__ = ["check_target", "materialize", "teacher_arch"]
-
-
-def teacher_arch(teacher: PreTrainedModel) -> tuple[DecoderFamily, ArchConfig]:
-    family = get_family(teacher.config.model_type)
-    return family, family.arch_from_config(teacher.config.to_dict())
+__all__ = ["check_target", "materialize"]
 
 
 def check_target(family: DecoderFamily, teacher: ArchConfig, target: ArchConfig) -> None:
@@ -46,19 +49,14 @@ def materialize(
     energy (which is why importance pruned them) the student's RMS is overestimated by sqrt(H/H'), and this
     factor undoes that. Pruning channels that are exactly zero is then lossless up to the norm's epsilon.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    family, t_arch = teacher_arch(teacher)
+    family, t_arch = describe_model(teacher)
     check_target(family, t_arch, target)
     keep.validate(t_arch, target)
-    from transformers import AutoConfig
-
     config_dict = family.student_config_dict(teacher.config.to_dict(), target, keep.layers)
-    config = AutoConfig.for_model(**config_dict)
+    config = transformers.AutoConfig.for_model(**config_dict)
     param = next(teacher.parameters())
     with _no_init(), torch.device(param.device):
-        student = AutoModelForCausalLM.from_config(config, dtype=param.dtype)
+        student: PreTrainedModel = transformers.AutoModelForCausalLM.from_config(config, dtype=param.dtype)
     student.tie_weights()  # transformers ties inside init_weights, which _no_init skips
     student.eval()
     with torch.no_grad():
@@ -69,21 +67,17 @@ def materialize(
     return student
 
 
-def _no_init():  # type: ignore[no-untyped-def]
+def _no_init() -> contextlib.AbstractContextManager[object]:
     """Skip random initialisation of weights that are overwritten right after."""
     try:
-        from transformers.initialization import no_init_weights
+        no_init_weights = transformers_init.no_init_weights
     except ImportError:  # pragma: no cover - older transformers
-        import contextlib
-
         return contextlib.nullcontext()
     return no_init_weights()
 
 
 def _rows(units: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     """Row indices of whole `width`-sized blocks (heads), in the given unit order."""
-    import torch
-
     idx = torch.tensor(units, dtype=torch.long, device=device)
     return (idx[:, None] * width + torch.arange(width, device=device)).reshape(-1)  # [len(units) * width]
 
@@ -96,13 +90,15 @@ def _take(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | 
     return weight
 
 
-def _copy_linear(dst, src, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:  # type: ignore[no-untyped-def]
+def _copy_linear(dst: Any, src: Any, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+    """Copy an nn.Linear's kept rows/columns (Any: see `LayerParts`)."""
     dst.weight.copy_(_take(src.weight, rows, cols))
     if src.bias is not None:
         dst.bias.copy_(src.bias if rows is None else src.bias.index_select(0, rows))
 
 
-def _copy_norm(dst, src, hidden: torch.Tensor, scale: float) -> None:  # type: ignore[no-untyped-def]
+def _copy_norm(dst: Any, src: Any, hidden: torch.Tensor, scale: float) -> None:
+    """Copy an RMSNorm's kept channels, scaled (Any: see `LayerParts`)."""
     weight = src.weight.index_select(0, hidden)
     dst.weight.copy_(weight * scale if scale != 1.0 else weight)
 
@@ -116,8 +112,6 @@ def _copy_weights(
     keep: KeepIndices,
     rescale_norms: bool,
 ) -> None:
-    import torch
-
     device = next(teacher.parameters()).device
     hidden = torch.tensor(keep.hidden, dtype=torch.long, device=device)  # [H']
     scale = math.sqrt(t_arch.hidden_size / target.hidden_size) if rescale_norms else 1.0
@@ -144,5 +138,6 @@ def _copy_weights(
         _copy_norm(dst.input_layernorm, src.input_layernorm, hidden, scale)
         _copy_norm(dst.post_attention_layernorm, src.post_attention_layernorm, hidden, scale)
         if src.q_norm is not None:
+            assert src.k_norm is not None and dst.q_norm is not None and dst.k_norm is not None
             dst.q_norm.weight.copy_(src.q_norm.weight)  # over head_dim: shared by heads, never pruned
             dst.k_norm.weight.copy_(src.k_norm.weight)

@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from nas_minitron.families import DecoderFamily, get_family
 from nas_minitron.arch import ArchConfig, Invariants, count_params, prune_problems
 from nas_minitron.errors import UserError
+from nas_minitron.families import DecoderFamily, describe
 from nas_minitron.space.spaces import (
     AXES,
     DEFAULT_SEQ_LEN,
@@ -108,8 +108,7 @@ class _Teacher(NamedTuple):
 
 
 def _teacher(config: Mapping[str, Any]) -> _Teacher:
-    family = get_family(str(config.get("model_type")))
-    arch = family.arch_from_config(config)
+    family, arch = describe(config)
     inv = family.invariants_from_config(config)
     return _Teacher(family, arch, inv, count_params(arch, inv))
 
@@ -379,7 +378,8 @@ def best_pure_width(space: SearchSpace, teacher_config: Mapping[str, Any], budge
                     tolerance: float | None = None) -> Candidate | None:
     """The in-budget candidate closest to the budget that keeps every layer (prunes width axes only)."""
     teacher = _teacher(teacher_config)
-    return _best_fixed(space, teacher, budget_params, tolerance, {"num_hidden_layers": [teacher.arch.num_hidden_layers]})
+    fixed = {"num_hidden_layers": [teacher.arch.num_hidden_layers]}
+    return _best_fixed(space, teacher, budget_params, tolerance, fixed)
 
 
 def best_pure_depth(space: SearchSpace, teacher_config: Mapping[str, Any], budget_params: int,

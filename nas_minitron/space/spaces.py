@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas_minitron.errors import UserError
+import yaml
+
+from nas_minitron.errors import UserError, first_line
+from nas_minitron.families import describe
 
 __all__ = ["AXES", "Axis", "Constraints", "SearchSpace", "load_space", "space_names", "spaces_dir"]
 
@@ -135,16 +138,12 @@ def load_space(path_or_name: str | Path, teacher_config: Mapping[str, Any]) -> S
 
     Every schema problem is collected and raised at once as a UserError naming the file, the field and the value.
     """
-    import yaml
-
-    from nas_minitron.families import get_family
-
     path = _space_path(path_or_name)
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"search space {str(path)!r} could not be read: {str(err).splitlines()[0]}") from None
-    teacher_arch = get_family(str(teacher_config.get("model_type"))).arch_from_config(teacher_config)
+        raise UserError(f"search space {str(path)!r} could not be read: {first_line(err)}") from None
+    _, teacher_arch = describe(teacher_config)
     problems: list[str] = []
     space = _parse_space(data if data is not None else {}, path, teacher_arch.to_dict(), problems)
     if problems or space is None:

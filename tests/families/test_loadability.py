@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from tiny_models import FAMILIES, tiny_config
 from transformers import AutoModelForCausalLM
 
-from nas_minitron.families import get_family
 from nas_minitron.arch import ArchConfig
+from nas_minitron.families import get_family
+from tiny_models import FAMILIES, tiny_config
 
 
 def _transformers_accepts(model_type: str, arch: ArchConfig, tmp_path) -> bool:  # type: ignore[no-untyped-def]

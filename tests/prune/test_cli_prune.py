@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config
 
-from nas_minitron.families import get_family
 from nas_minitron.arch import ArchConfig, count_params
+from nas_minitron.families import get_family
+from tiny_models import FAMILIES
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -67,9 +67,8 @@ def test_random_seeds_give_different_students(tiny_teacher_dir: Path, tmp_path: 
 
 
 def _gpt2_dir(tmp_path: Path) -> Path:
-    from transformers import GPT2Config
-
-    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "gpt2")
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
+    config.save_pretrained(tmp_path / "gpt2")
     return tmp_path / "gpt2"
 
 

@@ -1,15 +1,20 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 
+from nas_minitron.arch import ArchConfig
 from nas_minitron.errors import UserError
+from nas_minitron.families import describe_model
 from nas_minitron.prune.importance import _finalize, _per_sequence, compute_importance
+from nas_minitron.prune.keep import keep_all, keep_from_scores
 from nas_minitron.prune.lm_loss import lm_loss, skipped_layers
 from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.prune.surgery import materialize
+from tiny_models import FAMILIES, tiny_model
 
 
 def _batches(num: int = 6, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -133,14 +138,9 @@ def test_layer_losses_match_skipping_layers() -> None:
 
 
 def test_skipping_equals_materialized_depth_pruning() -> None:
-    from nas_minitron.prune.keep import keep_all
-    from nas_minitron.prune.surgery import materialize, teacher_arch
-
     model, batches = tiny_model("qwen3"), _batches()
-    _, arch = teacher_arch(model)
+    _, arch = describe_model(model)
     full = keep_all(arch)
-    import dataclasses
-
     keep = dataclasses.replace(full, layers=(0, 2), neurons=full.neurons[:2], kv_groups=full.kv_groups[:2],
                                heads=full.heads[:2])
     student = materialize(model, dataclasses.replace(arch, num_hidden_layers=2), keep)
@@ -162,17 +162,13 @@ def test_bad_inputs_are_user_errors() -> None:
 
 
 def test_record_round_trips_and_feeds_keep(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from nas_minitron.arch import ArchConfig
-    from nas_minitron.prune.keep import keep_from_scores
-    from nas_minitron.prune.surgery import materialize, teacher_arch
-
     model = tiny_model()
     scores = compute_importance(model, _batches(), window_sizes=(1, 2))
     scores.save(tmp_path)
     loaded = ImportanceScores.load(tmp_path)
     assert torch.equal(loaded.neurons, scores.neurons) and torch.equal(loaded.windows[2], scores.windows[2])
     assert loaded.meta["batch_agg"] == "l2" and loaded.meta["window_sizes"] == [1, 2]
-    _, arch = teacher_arch(model)
+    _, arch = describe_model(model)
     target = ArchConfig.parse("L1-H48-I64-A2-KV1", arch.head_dim)
     keep = keep_from_scores(loaded, arch, target)
     assert keep.layers == ((2,) if int(scores.windows[2].argmin()) == 0 else (0,))  # the best window of 2 dropped

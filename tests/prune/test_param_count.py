@@ -6,14 +6,14 @@ import random
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nas_minitron.families import get_family
 from nas_minitron.arch import ArchConfig, count_params
+from nas_minitron.families import describe_model, get_family
 from nas_minitron.prune.baselines import random_scores
 from nas_minitron.prune.keep import keep_from_scores
-from nas_minitron.prune.surgery import materialize, teacher_arch
+from nas_minitron.prune.surgery import materialize
+from tiny_models import FAMILIES, tiny_model
 
 
 def _random_config(model_type: str, rng: random.Random):  # type: ignore[no-untyped-def]
@@ -65,9 +65,9 @@ AXES = {
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_pruned_student_count_matches(model_type: str, axis: str) -> None:
     teacher = tiny_model(model_type)
-    family, t_arch = teacher_arch(teacher)
+    family, t_arch = describe_model(teacher)
     target = AXES[axis]
     student = materialize(teacher, target, keep_from_scores(random_scores(t_arch, 1), t_arch, target))
     inv = family.invariants_from_config(teacher.config.to_dict())
     assert sum(p.numel() for p in student.parameters()) == count_params(target, inv)
-    assert family.arch_from_config(student.config.to_dict()) == target
+    assert describe_model(student) == (family, target)

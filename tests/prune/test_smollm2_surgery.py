@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from nas_minitron.families import describe_model
 from nas_minitron.prune.keep import keep_all
-from nas_minitron.prune.surgery import materialize, teacher_arch
+from nas_minitron.prune.surgery import materialize
 from nas_minitron.teacher import load_teacher
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
@@ -24,7 +25,7 @@ def smollm2():  # type: ignore[no-untyped-def]
 
 def test_teacher_facts_and_identity(smollm2) -> None:  # type: ignore[no-untyped-def]
     teacher, tokenizer = smollm2
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     assert arch.name == "L30-H576-I1536-A9-KV3"
     assert sum(p.numel() for p in teacher.parameters()) == 134_515_008
     student = materialize(teacher, arch, keep_all(arch))

@@ -6,13 +6,15 @@ import random
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
 from nas_minitron.arch import ArchConfig
 from nas_minitron.errors import UserError
-from nas_minitron.prune.keep import KeepIndices, keep_all
-from nas_minitron.prune.surgery import materialize, teacher_arch
+from nas_minitron.families import describe_model
+from nas_minitron.prune.baselines import magnitude_scores
+from nas_minitron.prune.keep import KeepIndices, keep_all, keep_from_scores
+from nas_minitron.prune.surgery import materialize
+from tiny_models import FAMILIES, tiny_model
 
 TOKENS = torch.randint(4, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -31,7 +33,7 @@ def _replace(keep: KeepIndices, **changes) -> KeepIndices:  # type: ignore[no-un
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_keep_everything_is_bit_identical(model_type: str) -> None:
     teacher = tiny_model(model_type)
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     student = materialize(teacher, arch, keep_all(arch))
     assert torch.equal(_logits(student), _logits(teacher))
     assert type(student) is type(teacher)
@@ -42,7 +44,7 @@ def test_keep_everything_is_bit_identical(model_type: str) -> None:
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_keep_everything_permuted_is_identical(model_type: str) -> None:
     teacher = tiny_model(model_type)
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     rng = random.Random(0)
     layers = arch.num_hidden_layers
     kv_groups, heads = [], []
@@ -93,7 +95,7 @@ def _zero_channel(teacher, channel: int) -> None:  # type: ignore[no-untyped-def
 def test_pruning_units_without_contribution_keeps_logits(model_type: str, axis: str) -> None:
     # A tiny RMSNorm epsilon: removing an all-zero channel is then exact up to rounding (see materialize).
     teacher = tiny_model(model_type, rms_norm_eps=1e-12)
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     keep, target = keep_all(arch).to_dict(), arch
     d = arch.head_dim
     with torch.no_grad():
@@ -135,7 +137,7 @@ def test_pruning_units_without_contribution_keeps_logits(model_type: str, axis: 
 def test_pruning_a_contributing_unit_changes_logits() -> None:
     # The counterpart of the test above: the same surgery on units that do contribute must change the output.
     teacher = tiny_model("llama")
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     keep = keep_all(arch).to_dict()
     keep["neurons"] = [[i for i in range(96) if i not in (5, 17, 40)]] * 3
     student = materialize(teacher, ArchConfig(3, 64, 93, 4, 2, 16), KeepIndices.from_dict(keep))
@@ -145,11 +147,8 @@ def test_pruning_a_contributing_unit_changes_logits() -> None:
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_save_and_from_pretrained_give_identical_logits(model_type: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     teacher = tiny_model(model_type)
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     target = ArchConfig(2, 48, 50, 2, 1, 16)
-    from nas_minitron.prune.baselines import magnitude_scores
-    from nas_minitron.prune.keep import keep_from_scores
-
     student = materialize(teacher, target, keep_from_scores(magnitude_scores(teacher), arch, target))
     student.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -161,7 +160,7 @@ def test_save_and_from_pretrained_give_identical_logits(model_type: str, tmp_pat
 def test_layer_types_and_layer_idx_follow_kept_layers() -> None:
     teacher = tiny_model("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=8,
                          max_window_layers=2)
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     assert teacher.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     keep = keep_all(arch).to_dict()
     kept = [0, 3]
@@ -177,7 +176,7 @@ def test_layer_types_and_layer_idx_follow_kept_layers() -> None:
 
 def test_refuses_unloadable_and_oversized_targets() -> None:
     teacher = tiny_model("llama")
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     with pytest.raises(UserError, match="nearest loadable hidden sizes: H60 or H64"):
         materialize(teacher, ArchConfig(3, 62, 96, 4, 2, 16), keep_all(arch))
     with pytest.raises(UserError, match="I200 exceeds the teacher's I96"):
@@ -186,7 +185,7 @@ def test_refuses_unloadable_and_oversized_targets() -> None:
 
 def test_keep_indices_validation() -> None:
     teacher = tiny_model("llama")
-    _, arch = teacher_arch(teacher)
+    _, arch = describe_model(teacher)
     keep = keep_all(arch).to_dict()
     keep["heads"] = [[0, 2, 1, 3]] * 3  # head 2 is in group 1 but listed in group 0's block
     with pytest.raises(ValueError, match="do not all belong to KV group 0"):

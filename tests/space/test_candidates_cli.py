@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nas_minitron.space.presets import load_preset
 from nas_minitron.space.candidates import CANDIDATE_COLUMNS, default_space, enumerate_candidates
+from nas_minitron.space.presets import load_preset
 
 HEADER = ("name,num_hidden_layers,hidden_size,intermediate_size,num_attention_heads,num_key_value_heads,head_dim,"
           "params,kv_bytes_per_token,flops_per_token")

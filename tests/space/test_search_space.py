@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from nas_minitron.families import get_family
 from nas_minitron.arch import ArchConfig, Budget, count_params, prune_problems
 from nas_minitron.errors import UserError
-from nas_minitron.space.presets import load_preset, preset_names, resolve_teacher_config
+from nas_minitron.families import describe, get_family
 from nas_minitron.space.candidates import (
-    AXES,
     CANDIDATE_COLUMNS,
-    Axis,
     Candidate,
-    Constraints,
-    SearchSpace,
     axis_values,
     best_pure_depth,
     best_pure_width,
@@ -32,10 +29,9 @@ from nas_minitron.space.candidates import (
     enumerate_candidates,
     flops_per_token,
     kv_bytes_per_token,
-    load_space,
-    space_names,
-    spaces_dir,
 )
+from nas_minitron.space.presets import load_preset, preset_names, resolve_teacher_config
+from nas_minitron.space.spaces import AXES, Axis, Constraints, SearchSpace, load_space, space_names, spaces_dir
 
 PUBLISHED_PARAMS = {
     "llama-3.1-8b": 8_030_261_248,
@@ -47,8 +43,7 @@ PUBLISHED_PARAMS = {
 
 def _teacher(name: str) -> tuple[dict, ArchConfig, int]:
     config = load_preset(name)
-    family = get_family(config["model_type"])
-    arch = family.arch_from_config(config)
+    family, arch = describe(config)
     return config, arch, count_params(arch, family.invariants_from_config(config))
 
 
@@ -67,8 +62,6 @@ def test_smollm2_preset_facts() -> None:
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_read_the_same_through_transformers(name: str, tmp_path: Path) -> None:
     """A preset is a valid config.json: transformers reads it back to the same shape and invariants."""
-    import json
-
     config = load_preset(name)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
@@ -134,8 +127,7 @@ def test_every_candidate_is_exact_allowed_and_in_budget(teacher: str, space: Sea
 
 
 def _brute_force(space: SearchSpace, config: dict, budget: int) -> set[str]:
-    family = get_family(config["model_type"])
-    teacher = family.arch_from_config(config)
+    _, teacher = describe(config)
     values = axis_values(space, teacher)
     names = set()
     for shape in itertools.product(*(values[axis] for axis in AXES)):
@@ -332,8 +324,6 @@ def test_candidate_record_round_trip() -> None:
 # ---- search-space files -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", space_names())
 def test_every_shipped_space_is_valid(name: str) -> None:
-    import yaml
-
     declared = yaml.safe_load((spaces_dir() / f"{name}.yaml").read_text())["teacher"]
     # a space file is named after the preset it was written for, optionally with a suffix (smollm2-135m-cpu)
     assert declared in preset_names() and (name == declared or name.startswith(f"{declared}-"))
@@ -400,7 +390,8 @@ def test_unknown_space_name_and_missing_file() -> None:
 def test_enumeration_stays_light() -> None:
     """Planning a search imports neither torch nor transformers."""
     code = (
-        "import sys; from nas_minitron.space.presets import load_preset; from nas_minitron.space import candidates as s; "
+        "import sys; from nas_minitron.space.presets import load_preset; "
+        "from nas_minitron.space import candidates as s; "
         "c = load_preset('llama-3.1-8b'); s.enumerate_candidates(s.load_space('llama-3.1-8b', c), c, 4_500_000_000);"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )

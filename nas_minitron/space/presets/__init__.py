@@ -1,7 +1,8 @@
 """Teacher presets: published `config.json` facts of well-known models (no weights), by short name.
 
 They let `nas-minitron candidates` plan a 70B-sized search on a laptop: candidate enumeration needs only the
-config. `resolve_teacher_config` also accepts a bare config.json, a model directory or a hub id.
+config. `resolve_teacher_config` also accepts a bare config.json, a model directory or a hub id; those are read by
+`nas_minitron.teacher.read_teacher_config`, the one config reader (transformers is imported only then).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from nas_minitron.errors import UserError
+from nas_minitron.families import get_family
+from nas_minitron.teacher import load_teacher_config, read_teacher_config
 
 __all__ = ["load_preset", "preset_names", "resolve_teacher_config"]
 
@@ -28,7 +31,8 @@ def load_preset(name: str) -> dict[str, Any]:
     path = _PRESET_DIR / f"{name.lower()}.json"
     if not path.is_file():
         raise UserError(f"unknown teacher preset {name!r}; presets: {', '.join(preset_names())}.")
-    return json.loads(path.read_text())
+    config: dict[str, Any] = json.loads(path.read_text())
+    return config
 
 
 def resolve_teacher_config(
@@ -37,31 +41,15 @@ def resolve_teacher_config(
     """A teacher's config as a dict, never loading weights.
 
     `spec` is a preset name (checked first, so `smollm2-135m` needs no conversion), a config.json file, a model
-    directory or a hub id.
+    directory or a hub id (the last two as `nas_minitron.teacher.load_teacher_config` reads them).
     """
-    from nas_minitron.families import get_family
-
     if spec.lower() in preset_names():
         config = load_preset(spec)
-    elif spec.endswith(".json") or Path(spec).expanduser().is_file() and not spec.endswith(".gguf"):
-        config = _read_config_file(Path(spec).expanduser(), trust_remote_code)
-    else:
-        from nas_minitron.teacher import load_teacher_config, resolve_teacher_dir
-
-        resolve_teacher_dir(spec, cache_dir)  # a missing teacher fails before transformers is imported
-        return load_teacher_config(spec, cache_dir, trust_remote_code)
-    get_family(str(config.get("model_type")))
-    return config
-
-
-def _read_config_file(path: Path, trust_remote_code: bool) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"teacher config file {str(path)!r} does not exist.")
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not read teacher config file {str(path)!r}: {first}") from None
-    return config.to_dict()
+        get_family(str(config.get("model_type")))
+        return config
+    if spec.endswith(".json") or Path(spec).expanduser().is_file() and not spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"teacher config file {str(path)!r} does not exist.")
+        return read_teacher_config(str(path), trust_remote_code, f"teacher config file {str(path)!r}")
+    return load_teacher_config(spec, cache_dir, trust_remote_code)
