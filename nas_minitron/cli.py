@@ -6,25 +6,39 @@ A `UserError` anywhere below becomes one line on stderr and exit code 2 (argpars
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
+from nas_minitron import __version__
+from nas_minitron.commands import (
+    candidates,
+    correct_teacher,
+    distill,
+    evaluate,
+    importance,
+    inspect,
+    prune,
+    report,
+    search,
+)
 from nas_minitron.errors import UserError
 
-# (subcommand, module under nas_minitron.commands). Each module defines `register(subparsers)`, which adds its
-# parser and sets `func` to a handler taking the parsed args and returning an exit code.
-_COMMANDS: tuple[tuple[str, str], ...] = (
-    ("prune", "prune"),
-    ("inspect", "inspect"),
-    ("search", "search"),
-    ("candidates", "candidates"),
-    ("importance", "importance"),
-    ("distill", "distill"),
-    ("correct-teacher", "correct_teacher"),
-    ("eval", "evaluate"),
-    ("report", "report"),
+__all__ = ["EXIT_USER_ERROR", "build_parser", "main"]
+
+# (subcommand, its module under nas_minitron.commands), in --help order. Each module defines `register(subparsers)`,
+# which adds its parser and sets `func` to a handler taking the parsed args and returning an exit code.
+_COMMANDS: tuple[tuple[str, ModuleType], ...] = (
+    ("prune", prune),
+    ("inspect", inspect),
+    ("search", search),
+    ("candidates", candidates),
+    ("importance", importance),
+    ("distill", distill),
+    ("correct-teacher", correct_teacher),
+    ("eval", evaluate),
+    ("report", report),
 )
 
 EXIT_USER_ERROR = 2
@@ -38,12 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
             "parameter budget (Minitron-style)."
         ),
     )
-    from nas_minitron import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for _name, module in _COMMANDS:
-        importlib.import_module(f"nas_minitron.commands.{module}").register(subparsers)
+        module.register(subparsers)
     return parser
 
 

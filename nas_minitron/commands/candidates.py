@@ -8,21 +8,20 @@ import io
 import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from nas_minitron.arch import Budget, count_params
+from nas_minitron.commands.args import add_teacher_args
 from nas_minitron.errors import UserError
-
-if TYPE_CHECKING:
-    from nas_minitron.space.candidates import Candidate
+from nas_minitron.families import describe
+from nas_minitron.space.candidates import CANDIDATE_COLUMNS, Candidate, default_space, enumerate_candidates
+from nas_minitron.space.presets import preset_names, resolve_teacher_config
+from nas_minitron.space.spaces import load_space, space_names
+from nas_minitron.teacher import DEFAULT_TEACHER
 
 __all__ = ["format_candidates", "register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nas_minitron.space.presets import preset_names
-    from nas_minitron.space.candidates import space_names
-    from nas_minitron.teacher import DEFAULT_TEACHER
-
     parser = subparsers.add_parser(
         "candidates",
         help="list the architectures of a search space near a parameter budget (no weights loaded)",
@@ -31,12 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--budget, closest first. Only the teacher's config is read; nothing is built or loaded."
         ),
     )
-    parser.add_argument(
-        "--teacher",
-        default=DEFAULT_TEACHER,
-        help=f"preset ({', '.join(preset_names())}), config.json, model directory or hub id "
-        f"(default: {DEFAULT_TEACHER})",
-    )
+    add_teacher_args(parser, required=False, default=DEFAULT_TEACHER,
+                     help=f"preset ({', '.join(preset_names())}), config.json, model directory or hub id "
+                     f"(default: {DEFAULT_TEACHER})")
     parser.add_argument("--budget", required=True, help="parameters: 4B, 4.5e9, 500M, 90M, or 0.5x of the teacher")
     parser.add_argument(
         "--space",
@@ -47,24 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="allowed |params - budget| / budget (default: the space's, 0.05)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     parser.add_argument("--max", type=int, default=None, dest="max_count", help="print at most N candidates")
-    parser.add_argument("--cache-dir", default=None, help="where converted GGUF teachers are cached")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow config code from the teacher's repository")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.families import get_family
-    from nas_minitron.arch import Budget, count_params
-    from nas_minitron.space.presets import resolve_teacher_config
-    from nas_minitron.space.candidates import default_space, enumerate_candidates, load_space
-
     if args.max_count is not None and args.max_count < 1:
         raise UserError(f"--max must be a positive number of candidates, but got {args.max_count}.")
     budget = Budget.parse(args.budget)  # before reading the teacher: a typo fails instantly
     config = resolve_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code)
-    family = get_family(str(config["model_type"]))
-    teacher_arch = family.arch_from_config(config)
+    family, teacher_arch = describe(config)
     teacher_params = count_params(teacher_arch, family.invariants_from_config(config))
     budget_params = budget.resolve(teacher_params)
     space = load_space(args.space, config) if args.space else default_space(config)
@@ -86,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
 def format_candidates(candidates: Sequence[Candidate], fmt: str) -> str:
     """`csv` (exactly CANDIDATE_COLUMNS, as candidates.csv) or an aligned `table` of the same columns."""
-    from nas_minitron.space.candidates import CANDIDATE_COLUMNS
-
     rows = [c.row() for c in candidates]
     if fmt == "csv":
         buffer = io.StringIO()

@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
-from nas_minitron.commands.training_args import (
+from nas_minitron.atomic import atomic_directory, check_output_dir
+from nas_minitron.commands.args import (
+    add_teacher_args,
     add_training_args,
     config_from_args,
+    device_and_dtype,
     load_sequences,
     progress,
-    resolve_device,
 )
+from nas_minitron.distill.result import distill_record
+from nas_minitron.distill.trainer import NonFiniteLossError, distill
 from nas_minitron.errors import UserError
+from nas_minitron.teacher import load_teacher
 
 __all__ = ["register"]
+
+RECORD_FILE = "correction.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,21 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--teacher afterwards."
         ),
     )
-    parser.add_argument("--teacher", required=True,
-                        help="teacher: HF directory, .gguf, hub id or the embedded default 'smollm2-135m'")
-    parser.add_argument("--cache-dir", default=None, help="where converted GGUF teachers are cached")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the repository")
+    add_teacher_args(parser, help="teacher: HF directory, .gguf, hub id or the embedded default 'smollm2-135m'")
     add_training_args(parser, lr=1e-5)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.atomic import atomic_directory, check_output_dir
-    from nas_minitron.distill.trainer import NonFiniteLossError, distill
-    from nas_minitron.teacher import load_teacher
-
     check_output_dir(args.out, args.overwrite)
-    device, dtype = resolve_device(args)
+    device, dtype = device_and_dtype(args)
     config = config_from_args(args, dtype, kd_weight=0.0, lm_weight=1.0)
     teacher, tokenizer = load_teacher(args.teacher, args.cache_dir, device=device,
                                       trust_remote_code=args.trust_remote_code)
@@ -60,14 +61,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close()
     teacher.eval()
-    record = {"teacher": args.teacher, "data": args.data, "config": config.to_dict(), **result.to_dict()}
+    record = distill_record(result, config=config, teacher=args.teacher, data=args.data)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         teacher.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "correction.json").write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
     if not args.keep_checkpoints:
-        import shutil
-
         shutil.rmtree(ckpt, ignore_errors=True)
     print(f"val_loss {result.curve[0].val_loss:.4f} -> {result.val_loss:.4f} after {result.num_tokens:,} tokens "
           f"-> {args.out}")

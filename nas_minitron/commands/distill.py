@@ -7,16 +7,31 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from nas_minitron.commands.training_args import (
+from nas_minitron._lazy import lazy_import
+from nas_minitron.atomic import atomic_directory, check_output_dir
+from nas_minitron.commands.args import (
+    add_teacher_args,
     add_training_args,
     config_from_args,
+    device_and_dtype,
     load_sequences,
     progress,
-    resolve_device,
 )
-from nas_minitron.errors import UserError
+from nas_minitron.distill.logit_cache import MANIFEST, LogitCache, build_logit_cache
+from nas_minitron.distill.result import save_distilled
+from nas_minitron.distill.trainer import NonFiniteLossError, distill
+from nas_minitron.errors import UserError, first_line
+from nas_minitron.teacher import load_teacher, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+    import transformers
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = lazy_import("torch")
+    transformers = lazy_import("transformers")
 
 __all__ = ["check_same_tokenizer", "layer_map_from_pruning", "register"]
 
@@ -33,12 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "split; validate on its validation split; write the student to --out with distill.json."
         ),
     )
-    parser.add_argument("--teacher", help="teacher: HF directory, .gguf, hub id or 'smollm2-135m' "
-                                          "(optional with an existing --logit-cache)")
+    add_teacher_args(parser, required=False, help="teacher: HF directory, .gguf, hub id or 'smollm2-135m' "
+                                                  "(optional with an existing --logit-cache)")
     parser.add_argument("--student", type=Path, required=True,
                         help="student HF directory, e.g. from `nas-minitron prune` (its pruning.json maps layers)")
-    parser.add_argument("--cache-dir", default=None, help="where converted GGUF teachers are cached")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the repositories")
     parser.add_argument("--logit-cache", type=Path, default=None,
                         help="teacher top-k logit cache: used if it exists, else built here over train+validation")
     parser.add_argument("--topk", type=int, default=None,
@@ -53,10 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def check_same_tokenizer(teacher_tok: Any, student_tok: Any, teacher_vocab: int, student_vocab: int) -> None:
+def check_same_tokenizer(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
+                         teacher_vocab: int, student_vocab: int) -> None:
     """UserError unless teacher and student share tokenizer and vocabulary size: KD compares logits id by id."""
-    from nas_minitron.distill.logit_cache import tokenizer_fingerprint
-
     if teacher_vocab != student_vocab:
         raise UserError(f"teacher and student vocabularies differ: {teacher_vocab} vs {student_vocab} entries.")
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
@@ -75,27 +87,25 @@ def layer_map_from_pruning(student_dir: Path) -> tuple[int, ...] | None:
         raise UserError(f"cannot read kept layers from {str(path)!r}: {err!r}") from None
 
 
-def _load_student(path: Path, device: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _load_student(path: Path, device: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (path / "config.json").is_file():
         raise UserError(f"--student {str(path)!r} is not a Hugging Face model directory (no config.json).")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load student {str(path)!r}: {str(err).splitlines()[0]}") from None
-    return model.to(device), tokenizer
+        raise UserError(f"could not load student {str(path)!r}: {first_line(err)}") from None
+    model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
+    return model, tokenizer
 
 
-def _teacher_and_cache(args: argparse.Namespace, student: Any, student_tok: Any, train: Any, val: Any,
-                       device: str, topk: int) -> tuple[Any, Any]:
+def _teacher_and_cache(
+    args: argparse.Namespace, student: PreTrainedModel, student_tok: PreTrainedTokenizerBase, train: torch.Tensor,
+    val: torch.Tensor, device: str, topk: int,
+) -> tuple[PreTrainedModel | None, LogitCache | None]:
     """(teacher or None, cache or None). An existing cache means no teacher is loaded at all."""
-    from nas_minitron.distill.logit_cache import LogitCache, build_logit_cache, tokenizer_fingerprint
-    from nas_minitron.teacher import load_teacher
-
-    if args.logit_cache is not None and (args.logit_cache / "manifest.json").is_file():
+    if args.logit_cache is not None and (args.logit_cache / MANIFEST).is_file():
         cache = LogitCache.open(args.logit_cache)
         if cache.manifest.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(student_tok)):
             raise UserError(f"logit cache {str(args.logit_cache)!r} was built with another tokenizer.")
@@ -107,19 +117,14 @@ def _teacher_and_cache(args: argparse.Namespace, student: Any, student_tok: Any,
     check_same_tokenizer(teacher_tok, student_tok, teacher.config.vocab_size, student.config.vocab_size)
     if args.logit_cache is None:
         return teacher, None
-    import torch
-
     both = torch.cat([train, val])  # [N + V, T]: validation KL comes from the cache too
     cache = build_logit_cache(teacher, both, args.logit_cache, topk, args.batch_size, tokenizer=teacher_tok)
     return None, cache
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.atomic import atomic_directory, check_output_dir
-    from nas_minitron.distill.trainer import NonFiniteLossError, distill
-
     check_output_dir(args.out, args.overwrite)
-    device, dtype = resolve_device(args)
+    device, dtype = device_and_dtype(args)
     topk = args.topk if args.topk is not None else (64 if args.logit_cache else 0)
     config = config_from_args(args, dtype, topk=topk, temperature=args.temperature, lm_weight=args.lm_weight,
                               is_loss=args.is_loss, is_alpha=args.is_alpha)
@@ -136,15 +141,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{err}; try a lower --lr or float32.") from None
     finally:
         close()
-    record = {"teacher": args.teacher, "student": str(args.student), "data": args.data,
-              "logit_cache": str(args.logit_cache) if args.logit_cache else None, "config": config.to_dict(),
-              **result.to_dict()}
+    plan = args.student / PLAN_FILE
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if (args.student / PLAN_FILE).is_file():
-            shutil.copy2(args.student / PLAN_FILE, tmp / PLAN_FILE)
-        (tmp / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
+        save_distilled(tmp, student, tokenizer, result, config=config, teacher=args.teacher,
+                       student_source=args.student, data=args.data, logit_cache=args.logit_cache,
+                       extra_files={PLAN_FILE: plan.read_text()} if plan.is_file() else None)
     if not args.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     first = result.curve[0]

@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from nas_minitron.evaluate.harness import (
+    DEFAULT_TASKS,
+    MINITRON_PRESET,
+    eval_table,
+    evaluate_model,
+    find_tasks,
+    load_model,
+    resolve_tasks,
+    save_eval,
+    wide_table,
+)
+from nas_minitron.evaluate.speed import measure_speed
+from nas_minitron.runtime import resolve_device
+
 __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nas_minitron.evaluate.harness import DEFAULT_TASKS, MINITRON_PRESET
-
     preset = ", ".join(f"{task} {shots}-shot" for task, shots in MINITRON_PRESET.items())
     parser = subparsers.add_parser(
         "eval",
@@ -36,30 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    from nas_minitron.errors import UserError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name!r} but CUDA is not available here; valid: cpu, auto.")
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.evaluate.harness import (
-        eval_table,
-        evaluate_model,
-        find_tasks,
-        load_model,
-        resolve_tasks,
-        save_eval,
-        wide_table,
-    )
-
-    device = _device(args.device)
+    device = resolve_device(args.device)
     find_tasks(list(resolve_tasks(args.tasks, args.num_fewshot)), args.include_path)  # before loading the model
     model, tokenizer, label = load_model(args.model, device=device)
     result = evaluate_model(
@@ -76,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
     result = dataclasses.replace(result, path=str(args.model))
     speeds = []
     if args.speed:
-        from nas_minitron.evaluate.speed import measure_speed
-
         speeds.append(
             measure_speed(
                 model, args.speed_batch_size, args.speed_seq_len, device, args.speed_decode_tokens, label=result.label

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nas_minitron.atomic import atomic_directory
+from nas_minitron.commands.args import add_teacher_args
+from nas_minitron.data import data_fingerprint, take_sequences
 from nas_minitron.errors import UserError
+from nas_minitron.families import describe_model
+from nas_minitron.prune.importance import check_aggregations, compute_importance, reusable_scores
+from nas_minitron.runtime import resolve_device
+from nas_minitron.teacher import load_teacher, load_teacher_config, weights_fingerprint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["register"]
 
@@ -31,8 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "DIR` consumes it. A rerun with the same inputs reuses the saved scores."
         ),
     )
-    parser.add_argument("--teacher", required=True,
-                        help="local HF model directory, .gguf file, hub id (org/name), or 'smollm2-135m'")
+    add_teacher_args(parser, help="local HF model directory, .gguf file, hub id (org/name), or 'smollm2-135m'")
     parser.add_argument("--data", default="builtin",
                         help="'builtin', a .txt/.jsonl/.json/.parquet file or folder, or "
                              "hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] (default: builtin)")
@@ -59,26 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto: CUDA (bf16 autocast) when available, else CPU float32")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace --out")
-    parser.add_argument("--cache-dir", default=None,
-                        help="where converted GGUF teachers are cached (default: $NAS_MINITRON_CACHE or "
-                             "~/.cache/nas-minitron)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the teacher's repo")
     parser.set_defaults(func=run)
 
 
-def _device(choice: str) -> str:
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto.")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
-
-
 def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
-    from nas_minitron.prune.importance import check_aggregations
-
     check_aggregations(args.batch_agg, args.seq_agg)
     for flag, value in (("--num-samples", args.num_samples), ("--seq-len", args.seq_len),
                         ("--batch-size", args.batch_size), ("--loss-samples", args.loss_samples)):
@@ -91,16 +85,15 @@ def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
         raise UserError(f"--seq-len {args.seq_len} is above the teacher's max_position_embeddings={max_positions}.")
 
 
-def _expected_meta(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+def _expected_meta(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, Any]:
     """The inputs a saved record must match to be reused (see importance.REUSE_KEYS)."""
-    from nas_minitron.data import data_fingerprint
-    from nas_minitron.prune.importance import weights_fingerprint
-    from nas_minitron.prune.surgery import teacher_arch
-
-    num_layers = teacher_arch(model)[1].num_hidden_layers
+    _family, arch = describe_model(model)
+    num_layers = arch.num_hidden_layers
     layer_loss = args.layer_metrics and args.layer_loss
     return {
-        "teacher_arch": teacher_arch(model)[1].name,
+        "teacher_arch": arch.name,
         "weights_fingerprint": weights_fingerprint(model),
         "data_fingerprint": data_fingerprint(args.data, tokenizer, "calibration", args.seq_len, args.num_samples,
                                              args.seed, args.text_column),
@@ -115,18 +108,11 @@ def _expected_meta(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from nas_minitron.atomic import atomic_directory
-    from nas_minitron.data import take_sequences
-    from nas_minitron.prune.importance import compute_importance, reusable_scores
-    from nas_minitron.teacher import load_teacher, load_teacher_config
-
     config = load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code)
     _check_args(args, config)
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"output path {str(args.out)!r} exists and is not a directory.")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, tokenizer = load_teacher(args.teacher, args.cache_dir, device=device,
                                     trust_remote_code=args.trust_remote_code)
     expected = _expected_meta(args, model, tokenizer)
@@ -139,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
                              args.text_column)  # [N, T]
     scores = compute_importance(
         model, batches, batch_size=args.batch_size, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
-        head_metric=args.head_metric, layer_metrics=args.layer_metrics, layer_loss=expected["layer_loss"], window_sizes=expected["window_sizes"],
+        head_metric=args.head_metric, layer_metrics=args.layer_metrics, layer_loss=expected["layer_loss"],
+        window_sizes=expected["window_sizes"],
         loss_sequences=args.loss_samples, progress=True,
     )
     meta = dict(scores.meta, **expected, teacher=args.teacher, data=args.data, seed=args.seed, device=device,

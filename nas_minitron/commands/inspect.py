@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nas_minitron.commands.prune import add_teacher_args
+from nas_minitron._lazy import lazy_import
+from nas_minitron.arch import count_params
+from nas_minitron.commands.args import add_teacher_args
+from nas_minitron.families import describe
+from nas_minitron.teacher import load_teacher_config, resolve_teacher_dir
+
+if TYPE_CHECKING:
+    import safetensors
+else:
+    safetensors = lazy_import("safetensors")
 
 __all__ = ["register", "weight_count"]
 
@@ -28,15 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def weight_count(directory: Path) -> int | None:
     """Parameters stored in a directory's safetensors files, read from their headers (tied weights once)."""
-    from safetensors import safe_open
-
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
+        with safetensors.safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 shape = handle.get_slice(name).get_shape()
                 count = 1
                 for dim in shape:
@@ -46,13 +54,8 @@ def weight_count(directory: Path) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.families import get_family
-    from nas_minitron.arch import count_params
-    from nas_minitron.teacher import load_teacher_config, resolve_teacher_dir
-
     config = load_teacher_config(args.path, args.cache_dir, args.trust_remote_code)
-    family = get_family(config["model_type"])
-    arch = family.arch_from_config(config)
+    family, arch = describe(config)
     info = {
         "family": family.model_type,
         "arch": arch.name,
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return 0
     for key, value in info.items():
-        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) and key.endswith("params") else value
+        is_count = isinstance(value, int) and not isinstance(value, bool) and key.endswith("params")
+        shown = f"{value:,}" if is_count else value
         print(f"{key:20} {shown}")
     return 0

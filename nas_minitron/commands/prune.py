@@ -5,28 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from nas_minitron.atomic import atomic_directory, check_output_dir
+from nas_minitron.commands.args import add_teacher_args
 from nas_minitron.errors import UserError
+from nas_minitron.families import describe_model
+from nas_minitron.prune.baselines import magnitude_scores, random_scores
 from nas_minitron.prune.keep import DEPTH_METHODS
+from nas_minitron.prune.plan import PruningPlan, save_student, target_arch
+from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.prune.student import build_student
+from nas_minitron.teacher import load_teacher, load_teacher_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["register"]
-
-
-def add_teacher_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """--teacher, --cache-dir and --trust-remote-code, shared by every command that loads a teacher."""
-    parser.add_argument(
-        "--teacher",
-        required=required,
-        help="local HF model directory, .gguf file, hub id (org/name), or the embedded default 'smollm2-135m'",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="where converted GGUF teachers are cached (default: $NAS_MINITRON_CACHE or ~/.cache/nas-minitron)",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model code from the teacher's repository"
-    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,10 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.atomic import atomic_directory, check_output_dir
-    from nas_minitron.prune.plan import PruningPlan, plan_for, save_student, target_arch
-    from nas_minitron.teacher import load_teacher, load_teacher_config
-
     check_output_dir(args.out, args.overwrite)  # before any expensive work
     plan = PruningPlan.load(args.plan) if args.plan else None
     teacher_spec = args.teacher or (plan.teacher if plan else None)
@@ -82,19 +73,16 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None and plan.arch != target:
         raise UserError(f"--arch {arch_name} differs from the plan's {plan.arch.name}.")
     teacher, tokenizer = load_teacher(teacher_spec, args.cache_dir, trust_remote_code=args.trust_remote_code)
-    if plan is None:
-        plan = plan_for(
-            teacher,
-            teacher_spec,
-            target,
-            _scores(args, teacher),
-            depth_method=args.depth_method,
-            rescale_norms=args.rescale_norms,
-            importance_dir=str(args.importance) if args.importance else None,
-        )
-    from nas_minitron.prune.surgery import materialize
-
-    student = materialize(teacher, plan.arch, plan.keep, rescale_norms=plan.rescale_norms)
+    student, plan = build_student(
+        teacher,
+        teacher_spec,
+        target,
+        _scores(args, teacher) if plan is None else None,
+        plan=plan,
+        depth_method=args.depth_method,
+        rescale_norms=args.rescale_norms,
+        importance_dir=str(args.importance) if args.importance else None,
+    )
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         save_student(student, tokenizer, plan, tmp)
     print(f"{plan.arch.name}: {plan.params:,} parameters ({plan.criterion}) -> {args.out}")
@@ -102,13 +90,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scores(args: argparse.Namespace, teacher):  # type: ignore[no-untyped-def]
-    from nas_minitron.prune.baselines import magnitude_scores, random_scores
-    from nas_minitron.prune.surgery import teacher_arch
-    from nas_minitron.prune.scores import ImportanceScores
-
+def _scores(args: argparse.Namespace, teacher: PreTrainedModel) -> ImportanceScores:
     if args.importance:
         return ImportanceScores.load(args.importance)
     if args.criterion == "random":
-        return random_scores(teacher_arch(teacher)[1], args.seed)
+        return random_scores(describe_model(teacher)[1], args.seed)
     return magnitude_scores(teacher)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nas_minitron.report.page import write_report
+
 __all__ = ["register"]
 
 
@@ -23,8 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.report.page import write_report
-
     path = write_report(args.run_dir, args.out)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0

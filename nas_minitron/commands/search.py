@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
+from nas_minitron.pipeline.runner import run_search
+from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
+
 __all__ = ["register"]
 
-# flag -> SearchSettings field, with its type; help text comes from the field's docstring in run_config.py
+# flag -> SearchSettings field, with its type; help text comes from the field's docstring in pipeline/settings.py.
+# --teacher and --cache-dir are these fields too (not `commands.args.add_teacher_args`): their defaults are None so
+# that a flag not given leaves the --config YAML's value, and search has no --trust-remote-code.
 _FLAGS: dict[str, tuple[str, type]] = {
     "--budget": ("budget", str),
     "--teacher": ("teacher", str),
@@ -46,13 +53,8 @@ _FLAGS: dict[str, tuple[str, type]] = {
 
 def _field_docs() -> dict[str, str]:
     """The docstring under each SearchSettings field (read from the source, as litgpt does for its CLI)."""
-    import ast
-    import inspect
-
-    from nas_minitron.pipeline import settings as run_config
-
     docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(run_config.SearchSettings))
+    tree = ast.parse(inspect.getsource(SearchSettings))
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, following in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
@@ -61,8 +63,6 @@ def _field_docs() -> dict[str, str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nas_minitron.pipeline.settings import SearchSettings
-
     parser = subparsers.add_parser(
         "search",
         help="search for the best pruned + distilled student at a parameter budget",
@@ -89,9 +89,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nas_minitron.pipeline.runner import run_search
-    from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
-
     fields = [f.name for f in dataclasses.fields(SearchSettings)]
     overrides = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     settings = resolve_settings(args.config, overrides)

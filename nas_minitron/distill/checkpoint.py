@@ -18,12 +18,21 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.atomic import atomic_directory, file_sha256
+from nas_minitron.distill.fsdp import is_sharded, load_full_optimizer, load_full_student
 from nas_minitron.errors import UserError
+from nas_minitron.families import describe_model
 
 if TYPE_CHECKING:
+    import numpy as np
+    import safetensors.torch as st
     import torch
     from transformers import PreTrainedModel
+else:
+    np = lazy_import("numpy")
+    st = lazy_import("safetensors.torch")
+    torch = lazy_import("torch")
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint", "student_identity"]
 
@@ -34,18 +43,13 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def student_identity(student: PreTrainedModel) -> str:
     """model_type + arch name, e.g. `llama:L20-H576-I1536-A9-KV3`: what a checkpoint must belong to."""
-    from nas_minitron.families import get_family
-
-    config = student.config.to_dict()
-    return f"{config['model_type']}:{get_family(config['model_type']).arch_from_config(config).name}"
+    _family, arch = describe_model(student)
+    return f"{student.config.model_type}:{arch.name}"
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
     """(torch states for trainer.pt, python + numpy states for JSON)."""
-    import numpy as np
-    import torch
-
-    torch_state = {"cpu": torch.get_rng_state()}
+    torch_state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         torch_state["cuda"] = torch.cuda.get_rng_state_all()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -58,9 +62,6 @@ def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _set_rng_state(torch_state: dict[str, Any], json_state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
     torch.set_rng_state(torch_state["cpu"])
     if "cuda" in torch_state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(torch_state["cuda"])
@@ -85,18 +86,15 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint atomically, then delete all but the newest `keep_last_k`.
 
-    An FSDP-sharded student passes its gathered full states (`nas_minitron.distill.fsdp`): `student_state` is saved instead
-    of the live (sharded) weights, `optimizer_state` (keyed by FQN) instead of `optimizer.state_dict()`.
+    An FSDP-sharded student passes its gathered full states (`nas_minitron.distill.fsdp`): `student_state` is saved
+    instead of the live (sharded) weights, `optimizer_state` (keyed by FQN) instead of `optimizer.state_dict()`.
     """
-    import torch
-    from safetensors.torch import save_file
-
     final = Path(checkpoint_dir) / f"step-{step:08d}"
     torch_rng, json_rng = _rng_state()
     with atomic_directory(final, overwrite=True) as tmp:
         student.save_pretrained(tmp / "student", state_dict=student_state)
         tensors = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
-        save_file(tensors, tmp / "objective.safetensors")
+        st.save_file(tensors, tmp / "objective.safetensors")
         torch.save(
             {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
              "scheduler": scheduler.state_dict(), "rng": torch_rng},
@@ -126,7 +124,7 @@ def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
 def _read_verified(path: Path) -> dict[str, Any]:
     """state.json after checking every listed file's size and sha256; UserError on anything missing or altered."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"checkpoint {str(path)!r} is incomplete or truncated ({type(err).__name__}: {err}).") from None
     if state.get("format_version") != FORMAT_VERSION:
@@ -148,11 +146,6 @@ def load_checkpoint(
     fingerprint: str,
 ) -> dict[str, Any]:
     """Restore everything in place and return the state record; refuse another student or other settings."""
-    import torch
-    from safetensors.torch import load_file
-
-    from nas_minitron.distill.fsdp import is_sharded, load_full_optimizer, load_full_student
-
     state = _read_verified(path)
     identity = student_identity(student)
     if state.get("student") != identity:
@@ -163,7 +156,7 @@ def load_checkpoint(
                         f"({state.get('config')}); resume with the same settings.")
     weights: dict[str, torch.Tensor] = {}
     for file in sorted((path / "student").glob("*.safetensors")):
-        weights.update(load_file(file))
+        weights.update(st.load_file(file))
     trainer = torch.load(path / "trainer.pt", weights_only=True)
     # An FSDP run writes the full optimizer state keyed by parameter name, any other run keyed by position.
     by_name = any(isinstance(i, str) for group in trainer["optimizer"]["param_groups"] for i in group["params"])
@@ -178,7 +171,7 @@ def load_checkpoint(
     if unexpected or set(missing) - tied:
         raise UserError(f"checkpoint {str(path)!r} does not fit this student: missing {sorted(set(missing) - tied)}, "
                         f"unexpected {sorted(unexpected)}.")
-    objective.load_state_dict(load_file(path / "objective.safetensors"))
+    objective.load_state_dict(st.load_file(path / "objective.safetensors"))
     if by_name:
         load_full_optimizer(student, objective, optimizer, trainer["optimizer"])
     else:

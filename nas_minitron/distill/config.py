@@ -156,7 +156,8 @@ class EvalPoint:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalPoint:
-        return cls(**{k: (math.nan if v is None else v) for k, v in data.items()})
+        values: dict[str, Any] = {k: (math.nan if v is None else v) for k, v in data.items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,19 @@ class DistillResult:
             "resumed_from_step": self.resumed_from_step,
             "curve": [p.to_dict() for p in self.curve],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillResult:
+        """The inverse of `to_dict` (extra keys, such as a distill.json's provenance, are ignored)."""
+        return cls(
+            curve=tuple(EvalPoint.from_dict(p) for p in data["curve"]),
+            val_loss=math.nan if data["val_loss"] is None else data["val_loss"],
+            val_kl=math.nan if data["val_kl"] is None else data["val_kl"],
+            num_tokens=data["num_tokens"],
+            num_steps=data["num_steps"],
+            wall_s=data["wall_s"],
+            resumed_from_step=data.get("resumed_from_step"),
+        )
 
 
 def _json_float(value: Any) -> Any:

@@ -12,34 +12,42 @@ lands on rank 0, in CPU memory.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+from nas_minitron._lazy import lazy_import
+from nas_minitron.families import get_family
 
 if TYPE_CHECKING:
     import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint.state_dict as dcp_state
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as torch_fsdp
+    import torch.distributed.tensor as dtensor
+    from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
+    dist = lazy_import("torch.distributed")
+    dcp_state = lazy_import("torch.distributed.checkpoint.state_dict")
+    device_mesh = lazy_import("torch.distributed.device_mesh")
+    torch_fsdp = lazy_import("torch.distributed.fsdp")
+    dtensor = lazy_import("torch.distributed.tensor")
 
 __all__ = ["clip_grad_norm_", "full_optimizer_state", "full_student_state", "is_sharded", "load_full_optimizer",
            "load_full_student", "shard_student"]
 
 
-def shard_student(model: Any, device_type: str) -> None:
+def shard_student(model: PreTrainedModel, device_type: str) -> None:
     """Shard `model` in place over all ranks of the default process group (one FSDP group per decoder layer)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from nas_minitron.families import get_family
-
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = device_mesh.init_device_mesh(device_type, (dist.get_world_size(),))
     for layer in get_family(model.config.model_type).decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        torch_fsdp.fully_shard(layer, mesh=mesh)
+    torch_fsdp.fully_shard(model, mesh=mesh)
 
 
-def is_sharded(module: Any) -> bool:
+def is_sharded(module: torch.nn.Module) -> bool:
     """True when any parameter of `module` is a DTensor (FSDP2-sharded)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(p, dtensor.DTensor) for p in module.parameters())
 
 
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -49,59 +57,52 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     makes it a plain tensor); a replicated gradient (the objective's projection, equal on every rank) counts once.
     Returns the total norm before clipping.
     """
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    sharded = [p.grad for p in params if p.grad is not None and isinstance(p, DTensor)]
-    replicated = [p.grad for p in params if p.grad is not None and not isinstance(p, DTensor)]
+    sharded = [p.grad for p in params if p.grad is not None and isinstance(p, dtensor.DTensor)]
+    replicated = [p.grad for p in params if p.grad is not None and not isinstance(p, dtensor.DTensor)]
     norms = [torch.nn.utils.get_total_norm(replicated)] if replicated else []
     if sharded:
-        norms.append(torch.nn.utils.get_total_norm(sharded).full_tensor())
+        norms.append(cast("dtensor.DTensor", torch.nn.utils.get_total_norm(sharded)).full_tensor())
     if not norms:
         return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
     coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # the formula of torch's clip_grad_norm_
     for grad in sharded + replicated:
         grad.mul_(coef)
     return total
 
 
-def full_student_state(model: Any) -> dict[str, torch.Tensor]:
+def full_student_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The unsharded student state dict on CPU on rank 0 ({} on the others); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return cast("dict[str, torch.Tensor]", dcp_state.get_model_state_dict(model, options=options))
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-
-def _holder(model: Any, objective: Any) -> Any:
+def _holder(model: PreTrainedModel, objective: torch.nn.Module) -> torch.nn.ModuleDict:
     """One module over everything the optimizer steps, so that every optimized parameter has an FQN."""
-    import torch
-
     return torch.nn.ModuleDict({"student": model, "objective": objective})
 
 
-def full_optimizer_state(model: Any, objective: Any, optimizer: Any) -> dict[str, Any]:
+def full_optimizer_state(
+    model: PreTrainedModel, objective: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """The unsharded optimizer state keyed by FQN (`student.…`, `objective.…`) on rank 0 ({} on the others).
 
     Every rank must call it.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(_holder(model, objective), optimizer, options=options)
+    options = dcp_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return dcp_state.get_optimizer_state_dict(_holder(model, objective), optimizer, options=options)
 
 
-def load_full_student(model: Any, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def load_full_student(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Load a full student state dict (every rank holds it) into a sharded or plain model; (missing, unexpected)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    keys = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    options = dcp_state.StateDictOptions(full_state_dict=True, strict=False)
+    keys = dcp_state.set_model_state_dict(model, cast("dict[str, Any]", state), options=options)
     return list(keys.missing_keys), list(keys.unexpected_keys)
 
 
-def load_full_optimizer(model: Any, objective: Any, optimizer: Any, state: dict[str, Any]) -> None:
+def load_full_optimizer(
+    model: PreTrainedModel, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     """Load a full optimizer state keyed by FQN (every rank holds it), as `full_optimizer_state` wrote it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(_holder(model, objective), optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
+    dcp_state.set_optimizer_state_dict(_holder(model, objective), optimizer, state,
+                                       options=dcp_state.StateDictOptions(full_state_dict=True))

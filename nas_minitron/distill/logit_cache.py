@@ -1,8 +1,9 @@
 """Teacher-logit cache: one teacher pass, shared by every trial of a search, so workers need not hold the teacher.
 
 Layout of a cache directory (written atomically):
-  manifest.json            format_version, num_sequences, seq_len, topk, vocab_size, teacher and tokenizer
-                           fingerprints, and for every file its shape, dtype and sha256
+  manifest.json            format_version, num_sequences, seq_len, topk, vocab_size, the teacher's and the
+                           tokenizer's fingerprints (`nas_minitron.teacher.weights_fingerprint` and
+                           `tokenizer_fingerprint`), and for every file its shape, dtype and sha256
   tokens.npy               int32 [N, T]: the sequences the cache was built over (lookups go by their content)
   logprobs-00000.npy ...   float16 [n, T, k]: the teacher's top-k log-probabilities at temperature 1, sorted
   indices-00000.npy ...    int32 [n, T, k]: their token ids
@@ -19,32 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.atomic import atomic_directory, file_sha256
+from nas_minitron.distill.losses import topk_targets
 from nas_minitron.errors import UserError
+from nas_minitron.runtime import bf16_autocast
+from nas_minitron.teacher import tokenizer_fingerprint, weights_fingerprint
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    np = lazy_import("numpy")
+    torch = lazy_import("torch")
 
-__all__ = ["LogitCache", "build_logit_cache", "teacher_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "LogitCache", "build_logit_cache"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the token -> id map: equal fingerprints mean the same token ids for the same text."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
-
-def teacher_fingerprint(teacher: PreTrainedModel) -> str:
-    """sha256 of the teacher's config and the bytes of its embedding matrix (cheap, weight-sensitive)."""
-    digest = hashlib.sha256(teacher.config.to_json_string(use_diff=False).encode())
-    embed = teacher.get_input_embeddings().weight.detach().float().cpu().contiguous()
-    digest.update(embed.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _row_key(row: np.ndarray) -> bytes:
@@ -57,9 +51,9 @@ class LogitCache:
 
     directory: Path
     manifest: dict[str, Any]
-    tokens: Any  # np.memmap int32 [N, T]
-    logprobs: list[Any]  # np.memmap float16 [n, T, k] per shard
-    indices: list[Any]  # np.memmap int32 [n, T, k] per shard
+    tokens: np.memmap  # int32 [N, T]
+    logprobs: list[np.memmap]  # float16 [n, T, k] per shard
+    indices: list[np.memmap]  # int32 [n, T, k] per shard
     _rows: dict[bytes, int] = field(default_factory=dict, repr=False)
 
     @property
@@ -77,8 +71,6 @@ class LogitCache:
     @classmethod
     def open(cls, directory: str | os.PathLike[str], verify: bool = True) -> LogitCache:
         """Open a cache; `verify` checks every file's sha256 (refusing a truncated or altered cache)."""
-        import numpy as np
-
         root = Path(directory)
         try:
             manifest = json.loads((root / MANIFEST).read_text())
@@ -111,9 +103,6 @@ class LogitCache:
 
     def lookup(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher top-k log-probs float32 [B, T, k] and indices int64 [B, T, k] for tokens [B, T]."""
-        import numpy as np
-        import torch
-
         shard_size = int(self.manifest["shard_sequences"])
         logprobs, indices = [], []
         for row in self.rows_for(tokens):
@@ -136,11 +125,6 @@ def build_logit_cache(
     dtype: str = "float32",
 ) -> LogitCache:
     """Run the teacher once over sequences [N, T] and write its top-k log-probs; return the opened cache."""
-    import numpy as np
-    import torch
-
-    from nas_minitron.distill.losses import topk_targets
-
     vocab = int(teacher.config.vocab_size)
     if sequences.dim() != 2 or sequences.shape[0] < 1:
         raise UserError(f"logit cache sequences must be a non-empty [N, T] tensor but got {list(sequences.shape)}.")
@@ -152,11 +136,10 @@ def build_logit_cache(
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "num_sequences": num, "seq_len": seq_len, "topk": topk,
         "vocab_size": vocab, "shard_sequences": shard_sequences, "temperature": 1.0, "dtype": dtype,
-        "teacher_fingerprint": teacher_fingerprint(teacher),
+        "teacher_fingerprint": weights_fingerprint(teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "shards": [], "files": {},
     }
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         np.save(tmp / "tokens.npy", sequences.cpu().numpy().astype(np.int32))
         manifest["files"]["tokens"] = {"file": "tokens.npy", "shape": [num, seq_len], "dtype": "int32"}
@@ -167,7 +150,7 @@ def build_logit_cache(
             ids = np.lib.format.open_memmap(tmp / names[1], "w+", np.int32, (stop - start, seq_len, topk))
             for lo in range(start, stop, batch_size):
                 hi = min(stop, lo + batch_size)
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), bf16_autocast(device, dtype == "bf16"):
                     logits = teacher(input_ids=sequences[lo:hi].to(device)).logits  # [b, T, V]
                 logp, idx = topk_targets(logits, topk)  # [b, T, k] each
                 values[lo - start : hi - start] = logp.cpu().numpy().astype(np.float16)

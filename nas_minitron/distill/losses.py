@@ -16,8 +16,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from nas_minitron._lazy import lazy_import
+
 if TYPE_CHECKING:
     import torch
+    import torch.nn.functional as F
+else:
+    torch = lazy_import("torch")
+    F = lazy_import("torch.nn.functional")
 
 __all__ = [
     "evenly_spaced_layer_map",
@@ -31,8 +37,6 @@ __all__ = [
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) per position, averaged; scaled by T^2 so gradients keep their size across T."""
-    import torch.nn.functional as F
-
     t = float(temperature)
     log_q = F.log_softmax(student_logits.float() / t, dim=-1)  # [B, T, V]
     log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)  # [B, T, V]
@@ -42,8 +46,6 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 def topk_targets(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k log-probabilities [B, T, k] (float32, at T = 1) and their token indices [B, T, k]."""
-    import torch.nn.functional as F
-
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)  # [B, T, V]
     values, indices = log_p.topk(k, dim=-1, sorted=True)
     return values, indices
@@ -56,9 +58,6 @@ def topk_forward_kl(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Sparse KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket (see module doc)."""
-    import torch
-    import torch.nn.functional as F
-
     t = float(temperature)
     indices = teacher_indices.long()  # [B, T, k]
     scaled = student_logits.float() if t == 1.0 else student_logits.float() / t  # [B, T, V]
@@ -79,7 +78,7 @@ def topk_forward_kl(
     p = log_p.exp()  # [B, T, k+1]
     log_q = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], dim=-1)  # [B, T, k+1]
     # xlogy gives 0 for a zero-mass rest bucket instead of 0 * -inf
-    kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1)  # [B, T]
+    kl: torch.Tensor = (torch.special.xlogy(p, p) - p * log_q).sum(-1)  # [B, T]
     return kl.mean() * (t * t)
 
 
@@ -87,9 +86,6 @@ def intermediate_state_loss(
     student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], kind: str = "cosine"
 ) -> torch.Tensor:
     """Mean over mapped layer pairs of (1 - cosine) or MSE; student states already projected to teacher width."""
-    import torch
-    import torch.nn.functional as F
-
     assert len(student_states) == len(teacher_states) and student_states, "need matched, non-empty layer lists"
     losses = []
     for s, t in zip(student_states, teacher_states, strict=True):  # each [B, T, H_teacher]
@@ -116,8 +112,6 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str =
     `reduction="mean"` gives the scalar over all B * (T-1) predictions; `"none"` the per-prediction losses [B, T-1].
     The one LM loss of the package: the trainer's LM term, validation loss and the importance / layer-removal passes.
     """
-    import torch.nn.functional as F
-
     targets = tokens[:, 1:]  # [B, T-1]
     vocab = logits.shape[-1]
     losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), targets.reshape(-1), reduction=reduction)

@@ -8,11 +8,17 @@ a live teacher or from a teacher-logit cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
+from nas_minitron.distill.config import DistillConfig
+from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.losses import (
     forward_kl,
     intermediate_state_loss,
+    next_token_loss,
     topk_forward_kl,
     topk_targets,
 )
@@ -20,19 +26,10 @@ from nas_minitron.distill.losses import (
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
 
-    from nas_minitron.distill.trainer import DistillConfig
-    from nas_minitron.distill.logit_cache import LogitCache
-
-__all__ = ["build_objective", "lm_loss", "validate"]
-
-
-def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy: logits [B, T, V] at position t predict tokens [B, T] at t + 1."""
-    import torch.nn.functional as F
-
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+__all__ = ["build_objective", "validate"]
 
 
 def _teacher_targets(
@@ -43,8 +40,6 @@ def _teacher_targets(
     want_states: bool,
 ) -> dict[str, Any]:
     """Teacher logits (or top-k log-probs + indices) and hidden states for tokens [B, T]; the cache wins."""
-    import torch
-
     if cache is not None and not want_states:
         logprobs, indices = cache.lookup(tokens)  # [B, T, k] each
         return {"logprobs": logprobs.to(tokens.device), "indices": indices.to(tokens.device)}
@@ -70,10 +65,11 @@ def build_objective(
     teacher: PreTrainedModel | None,
     config: DistillConfig,
     layer_map: tuple[int, ...] | None,
-) -> Any:
-    """A `torch.nn.Module` computing the step loss; it holds the intermediate-state projection when needed."""
-    import torch
+) -> torch.nn.Module:
+    """A `torch.nn.Module` computing the step loss; it holds the intermediate-state projection when needed.
 
+    The class is defined here, not at module level: subclassing `torch.nn.Module` at import time would load torch.
+    """
     class DistillObjective(torch.nn.Module):
         """Loss = kd_weight * KL + lm_weight * LM + alpha * intermediate-state loss (alpha fixed or automatic)."""
 
@@ -87,7 +83,8 @@ def build_objective(
                     self.projection = torch.nn.Linear(s_width, t_width, bias=False)
 
         def forward(
-            self, student: Any, tokens: torch.Tensor, teacher: Any, cache: LogitCache | None
+            self, student: torch.nn.Module, tokens: torch.Tensor, teacher: PreTrainedModel | None,
+            cache: LogitCache | None,
         ) -> tuple[torch.Tensor, dict[str, float]]:
             want_states = self.layer_map is not None
             out = student(input_ids=tokens, output_hidden_states=want_states)
@@ -104,11 +101,13 @@ def build_objective(
                         alpha = (parts["kd"].detach() / parts["is"].detach().clamp(min=1e-8)).item()
                     total = total + alpha * parts["is"]
             if config.lm_weight:
-                parts["lm"] = lm_loss(out.logits, tokens)
+                parts["lm"] = next_token_loss(out.logits, tokens)
                 total = total + config.lm_weight * parts["lm"]
             return total, {name: float(value.detach()) for name, value in parts.items()}
 
-        def _state_loss(self, student_states: Any, teacher_states: Any) -> torch.Tensor:
+        def _state_loss(
+            self, student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...]
+        ) -> torch.Tensor:
             # hidden_states[i + 1] is the output of layer i; the very last one is after the final norm, so the
             # last student layer is left to the logit loss and only the layers before it are matched.
             pairs = [(i, t) for i, t in enumerate(self.layer_map[:-1])]  # type: ignore[index]
@@ -122,30 +121,28 @@ def build_objective(
 
 
 def validate(
-    student: Any,
+    student: torch.nn.Module,
     val_sequences: torch.Tensor,
     teacher: PreTrainedModel | None,
     cache: LogitCache | None,
     batch_size: int,
-    autocast: Any,
+    autocast: Callable[[], AbstractContextManager[object]],
 ) -> tuple[float, float]:
     """Student LM loss and KL to the teacher on held-out sequences [N, T] (NaN KL without a teacher or cache).
 
     With a teacher the KL is the full one; with only a top-k cache it is the top-k + rest KL of the cache.
     """
-    import torch
-
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     loss_sum = kl_sum = 0.0
-    num_batches = 0
+    num_batches = 0.0
     with torch.no_grad(), autocast():
         for start in range(0, val_sequences.shape[0], batch_size):
             tokens = val_sequences[start : start + batch_size].to(device)  # [b, T]
             logits = student(input_ids=tokens).logits  # [b, T, V]
             weight = tokens.shape[0] / batch_size  # a short last batch counts for its size
-            loss_sum += float(lm_loss(logits, tokens)) * weight
+            loss_sum += float(next_token_loss(logits, tokens)) * weight
             if teacher is not None:
                 kl_sum += float(forward_kl(logits, teacher(input_ids=tokens).logits)) * weight
             elif cache is not None:

@@ -7,14 +7,16 @@ by all workers (`ray.train.report` is a barrier); rank 0 attaches its checkpoint
 
 `strategy="ddp"`: `ray.train.torch.prepare_model` wraps the student in DistributedDataParallel.
 `strategy="fsdp"`, for a student whose weights + optimizer state do not fit one device: FSDP2 (`fully_shard` per
-decoder layer and on the root, `nas_minitron.distill.fsdp`), not Ray's FSDP1 wrapper. Gradients are clipped by the global
-norm over all shards; checkpoints and `out_dir` hold the whole student, gathered to rank 0's CPU memory
+decoder layer and on the root, `nas_minitron.distill.fsdp`), not Ray's FSDP1 wrapper. Gradients are clipped by the
+global norm over all shards; checkpoints and `out_dir` hold the whole student, gathered to rank 0's CPU memory
 (`from_pretrained`-loadable), with the full optimizer state keyed by parameter name, so an FSDP run resumes.
 The teacher is not sharded: every worker holds a full copy.
 
 Tested on CPU with 2 gloo workers: each strategy against one process over the same global batches
-(tests/test_distill_ray.py), and FSDP resume bit-exact with `distill()` in 2 gloo processes without Ray
-(tests/test_fsdp.py). Not tested: NCCL on GPUs, and a Ray job restarted from its checkpoint.
+(tests/distill/test_distill_ray.py), and FSDP resume bit-exact with `distill()` in 2 gloo processes without Ray
+(tests/distill/test_fsdp.py). Not tested: NCCL on GPUs, and a Ray job restarted from its checkpoint.
+
+The only module of `nas_minitron.distill` that imports ray (lazily: importing it loads neither ray nor torch).
 """
 
 from __future__ import annotations
@@ -24,13 +26,28 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint
+from nas_minitron.distill.fsdp import full_student_state, shard_student
+from nas_minitron.distill.logit_cache import LogitCache
+from nas_minitron.distill.result import RECORD_FILE, save_distilled
+from nas_minitron.distill.trainer import distill
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
+    import ray.train as train_api
+    import ray.train.torch as train_torch
     import torch
+    import transformers
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import PreTrainedModel
+else:
+    train_api = lazy_import("ray.train")
+    train_torch = lazy_import("ray.train.torch")
+    torch = lazy_import("torch")
+    transformers = lazy_import("transformers")
 
 __all__ = ["STRATEGIES", "distill_ray", "ray_env"]
 
@@ -44,9 +61,7 @@ def ray_env() -> dict[str, str]:
 
 def _restore(checkpoint_dir: Path) -> bool:
     """Copy the job's latest reported checkpoint into this worker's checkpoint_dir; True when there was one."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = train_api.get_checkpoint()
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as src:
@@ -57,28 +72,21 @@ def _restore(checkpoint_dir: Path) -> bool:
 
 def _train_loop(loop: dict[str, Any]) -> None:
     """Runs on every worker."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from nas_minitron.distill.trainer import distill
-    from nas_minitron.distill.fsdp import full_student_state, shard_student
-    from nas_minitron.distill.logit_cache import LogitCache
-
-    context = ray.train.get_context()
+    context = train_api.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(loop["threads_per_worker"])
-    device = ray.train.torch.get_device()
-    student = AutoModelForCausalLM.from_pretrained(loop["student_dir"], dtype=torch.float32)
+    device = train_torch.get_device()
+    model = transformers.AutoModelForCausalLM.from_pretrained(loop["student_dir"], dtype=torch.float32)
     sharded = loop["strategy"] == "fsdp"
+    student: PreTrainedModel | DistributedDataParallel = model
     if sharded:  # FSDP2 per decoder layer; Ray's prepare_model would wrap with FSDP1
-        shard_student(student.to(device), device.type)
+        shard_student(model.to(device), device.type)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     else:
-        student = ray.train.torch.prepare_model(student, parallel_strategy="ddp")
+        student = cast("DistributedDataParallel", train_torch.prepare_model(model, parallel_strategy="ddp"))
     teacher = None
     if loop["teacher_dir"]:
-        teacher = AutoModelForCausalLM.from_pretrained(loop["teacher_dir"], dtype=torch.float32).to(device).eval()
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(loop["teacher_dir"], dtype=torch.float32)
+        teacher.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     cache = LogitCache.open(loop["logit_cache_dir"], verify=rank == 0) if loop["logit_cache_dir"] else None
     checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"distill-rank{rank}-"))
     resume = _restore(checkpoint_dir)
@@ -86,8 +94,8 @@ def _train_loop(loop: dict[str, Any]) -> None:
 
     def on_eval(point: EvalPoint) -> None:
         path = written.pop("path", None)
-        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if rank == 0 and path else None
-        ray.train.report({**point.to_dict(), "rank": rank}, checkpoint=checkpoint)
+        checkpoint = train_api.Checkpoint.from_directory(str(path)) if rank == 0 and path else None
+        train_api.report({**point.to_dict(), "rank": rank}, checkpoint=checkpoint)
 
     result = distill(
         student,
@@ -103,10 +111,11 @@ def _train_loop(loop: dict[str, Any]) -> None:
     )
     if not loop["out_dir"]:
         return
-    state = full_student_state(student) if sharded else None  # a collective: every rank gathers, rank 0 receives
-    if rank == 0:
-        getattr(student, "module", student).save_pretrained(loop["out_dir"], state_dict=state)
-        Path(loop["out_dir"], "distill.json").write_text(json.dumps(result.to_dict(), indent=1))
+    state = full_student_state(model) if sharded else None  # a collective: every rank gathers, rank 0 receives
+    if rank == 0:  # `model` is the HF model under the DDP wrapper; no tokenizer is loaded on the workers
+        save_distilled(loop["out_dir"], model, None, result, config=loop["config"],
+                       teacher=loop["teacher_dir"], student_source=loop["student_dir"],
+                       logit_cache=loop["logit_cache_dir"], state_dict=state)
 
 
 def distill_ray(
@@ -128,11 +137,9 @@ def distill_ray(
     """Run `distill()` as a Ray Train job; returns rank 0's result (its curve from the reported points).
 
     Call after `ray.init` (or let Ray start a local cluster); the caller owns the cluster. `out_dir`, when
-    given, receives rank 0's final student (on a shared filesystem in a multi-node cluster).
+    given, receives rank 0's final student and its distill.json (`save_distilled`; on a shared filesystem in a
+    multi-node cluster).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if strategy not in STRATEGIES:
         raise UserError(f"strategy must be one of {STRATEGIES} but got {strategy!r}.")
     if train_sequences.shape[0] < num_workers * config.batch_size:
@@ -144,20 +151,19 @@ def distill_ray(
         "train_sequences": train_sequences, "val_sequences": val_sequences, "strategy": strategy,
         "out_dir": str(out_dir) if out_dir else None, "threads_per_worker": threads_per_worker,
     }
-    trainer = TorchTrainer(
+    trainer = train_torch.TorchTrainer(
         _train_loop,
         train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(storage_path=str(storage_path), name=name),
+        scaling_config=train_api.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        torch_config=train_torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=train_api.RunConfig(storage_path=str(storage_path), name=name),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    record = json.loads(Path(out_dir, "distill.json").read_text()) if out_dir else None
-    if record is None:  # only the last reported point is available without out_dir
-        point = EvalPoint.from_dict({k: v for k, v in result.metrics.items() if k in EvalPoint.__annotations__})
-        return DistillResult((point,), point.val_loss, point.val_kl, point.num_tokens, point.step, point.wall_s)
-    curve = tuple(EvalPoint.from_dict(p) for p in record["curve"])
-    return DistillResult(curve, curve[-1].val_loss, curve[-1].val_kl, record["num_tokens"], record["num_steps"],
-                         record["wall_s"], record["resumed_from_step"])
+    if out_dir:
+        return DistillResult.from_dict(json.loads(Path(out_dir, RECORD_FILE).read_text()))
+    # only the last reported point is available without out_dir
+    metrics = result.metrics or {}
+    point = EvalPoint.from_dict({k: v for k, v in metrics.items() if k in EvalPoint.__annotations__})
+    return DistillResult((point,), point.val_loss, point.val_kl, point.num_tokens, point.step, point.wall_s)

@@ -8,21 +8,34 @@ every `eval_every_tokens` -> final validation.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from nas_minitron._lazy import lazy_import
+from nas_minitron.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, student_identity
 from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint, NonFiniteLossError, StepInfo
+from nas_minitron.distill.fsdp import clip_grad_norm_, full_optimizer_state, full_student_state, is_sharded
+from nas_minitron.distill.logit_cache import LogitCache
+from nas_minitron.distill.losses import evenly_spaced_layer_map
+from nas_minitron.distill.objective import build_objective, validate
 from nas_minitron.errors import UserError
+from nas_minitron.runtime import bf16_autocast
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
     from transformers import PreTrainedModel
-
-    from nas_minitron.distill.logit_cache import LogitCache
+else:
+    np = lazy_import("numpy")
+    torch = lazy_import("torch")
+    dist = lazy_import("torch.distributed")
 
 __all__ = ["DistillConfig", "DistillResult", "EvalPoint", "NonFiniteLossError", "StepInfo", "distill"]
 
@@ -34,9 +47,7 @@ class _BatchStream:
     of a resumed run is exactly the data of an uninterrupted one.
     """
 
-    def __init__(self, data: Any, batch_size: int, seq_len: int) -> None:
-        import torch
-
+    def __init__(self, data: Iterable[torch.Tensor] | torch.Tensor, batch_size: int, seq_len: int) -> None:
         self.position = 0
         self._tensor: torch.Tensor | None = None
         if isinstance(data, torch.Tensor):
@@ -45,8 +56,8 @@ class _BatchStream:
             if data.shape[0] < batch_size:
                 raise UserError(f"training data has {data.shape[0]} sequences, fewer than one batch of {batch_size}.")
             self._tensor = data
-        self._iterable: Iterable[Any] | None = data if self._tensor is None else None
-        self._iterator: Iterator[Any] | None = None
+        self._iterable: Iterable[torch.Tensor] | None = data if self._tensor is None else None
+        self._iterator: Iterator[torch.Tensor] | None = None
         self._batch_size = batch_size
 
     def next(self) -> torch.Tensor:
@@ -72,15 +83,11 @@ class _BatchStream:
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_reduce_grads(module: Any) -> None:
+def _all_reduce_grads(module: torch.nn.Module) -> None:
     """Average gradients of a module that is not wrapped in DDP across workers (no-op in one process)."""
-    import torch.distributed as dist
-
     world = _world_size()
     if world == 1:
         return
@@ -96,9 +103,6 @@ def _same_on_all_ranks(val_loss: float, val_kl: float, train_loss: float) -> tup
     All ranks validate on the same sequences; the broadcast makes every rank act on bit-identical metrics. A rank's
     training loss covers its share of the global batch only; their mean is the global batch's loss.
     """
-    import torch
-    import torch.distributed as dist
-
     world = _world_size()
     if world == 1:
         return val_loss, val_kl, train_loss
@@ -110,8 +114,6 @@ def _same_on_all_ranks(val_loss: float, val_kl: float, train_loss: float) -> tup
 
 
 def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -131,10 +133,8 @@ def _schedule(config: DistillConfig, num_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(student: Any, objective: Any, config: DistillConfig) -> Any:
+def _optimizer(student: PreTrainedModel, objective: torch.nn.Module, config: DistillConfig) -> torch.optim.AdamW:
     """AdamW with decay on matrices only (norm weights and biases are not decayed)."""
-    import torch
-
     params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
     unique = list({id(p): p for p in params}.values())  # tied embeddings appear once
     decay = [p for p in unique if p.dim() >= 2]
@@ -144,7 +144,8 @@ def _optimizer(student: Any, objective: Any, config: DistillConfig) -> Any:
 
 
 def _check_inputs(
-    student: Any, teacher: Any, cache: LogitCache | None, config: DistillConfig, val_sequences: torch.Tensor
+    student: PreTrainedModel, teacher: PreTrainedModel | None, cache: LogitCache | None, config: DistillConfig,
+    val_sequences: torch.Tensor,
 ) -> None:
     vocab = student.config.vocab_size
     if teacher is not None and teacher.config.vocab_size != vocab:
@@ -161,27 +162,19 @@ def _check_inputs(
         raise UserError(f"validation sequences must be a non-empty [N, T] tensor but got {list(val_sequences.shape)}.")
 
 
-def _autocast(config: DistillConfig, device: Any) -> Callable[[], Any]:
-    import torch
-
-    if config.dtype == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def _autocast(config: DistillConfig, device: torch.device) -> Callable[[], AbstractContextManager[object]]:
+    """A fresh bf16 autocast context per use when `config.dtype` is bf16, else a no-op."""
+    return lambda: bf16_autocast(device, config.dtype == "bf16")
 
 
 def _seed(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def distill(
-    student: PreTrainedModel,
+    student: PreTrainedModel | DistributedDataParallel,
     train_batches: Iterable[torch.Tensor] | torch.Tensor,
     val_sequences: torch.Tensor,
     config: DistillConfig,
@@ -205,13 +198,12 @@ def distill(
     the same `checkpoint_dir` (or None) and only rank 0 writes checkpoints (of the whole student, gathered).
     Raises NonFiniteLossError on a NaN/Inf loss.
     """
-    from nas_minitron.distill.losses import evenly_spaced_layer_map
-    from nas_minitron.distill.objective import build_objective
-
-    model = getattr(student, "module", student)  # the HF model under a DDP wrapper (FSDP2 shards it in place)
+    # the HF model under a DDP wrapper (FSDP2 shards it in place)
+    model = cast("PreTrainedModel", getattr(student, "module", student))
     _check_inputs(model, teacher, logit_cache, config, val_sequences)
     _seed(config.seed)
     if config.is_loss != "none" and layer_map is None:
+        assert teacher is not None  # _check_inputs: the intermediate-state loss needs a live teacher
         layer_map = evenly_spaced_layer_map(model.config.num_hidden_layers, teacher.config.num_hidden_layers)
     if config.is_loss == "none":
         layer_map = None
@@ -227,12 +219,9 @@ def distill(
 class _Run:
     """The live state of one run; `train` is the loop, everything else is a step of it."""
 
-    def __init__(self, student: Any, model: Any, objective: Any, config: DistillConfig, device: Any,
-                 teacher: Any, cache: Any) -> None:
-        import torch
-
-        from nas_minitron.distill.fsdp import is_sharded
-
+    def __init__(self, student: torch.nn.Module, model: PreTrainedModel, objective: torch.nn.Module,
+                 config: DistillConfig, device: torch.device, teacher: PreTrainedModel | None,
+                 cache: LogitCache | None) -> None:
         self.student, self.model, self.objective, self.config = student, model, objective, config
         self.sharded = is_sharded(model)
         self.device, self.teacher, self.cache = device, teacher, cache
@@ -260,10 +249,9 @@ class _Run:
     def wall_s(self) -> float:
         return self.wall_s_before + time.perf_counter() - self.started
 
-    def start(self, write_dir: Path | None, read_dir: Path | None, resume: bool, val: Any, on_eval: Any) -> None:
+    def start(self, write_dir: Path | None, read_dir: Path | None, resume: bool, val: torch.Tensor,
+              on_eval: Callable[[EvalPoint], None] | None) -> None:
         """Resume from the newest checkpoint, or validate at step 0 (refusing to overwrite old checkpoints)."""
-        from nas_minitron.distill.checkpoint import latest_checkpoint, load_checkpoint
-
         self.checkpoint_dir, self.checkpointing = write_dir, read_dir is not None
         latest = latest_checkpoint(read_dir)
         if latest is not None and not resume:
@@ -281,9 +269,7 @@ class _Run:
         if on_eval is not None:
             on_eval(point)
 
-    def _evaluate(self, val: Any) -> EvalPoint:
-        from nas_minitron.distill.objective import validate
-
+    def _evaluate(self, val: torch.Tensor) -> EvalPoint:
         val = val[: self.config.num_val_sequences]
         val_loss, val_kl = validate(self.student, val, self.teacher, self.cache, self.config.batch_size,
                                     self.autocast)
@@ -294,10 +280,7 @@ class _Run:
         self.curve.append(point)
         return point
 
-    def _checkpoint(self, on_checkpoint: Any) -> None:
-        from nas_minitron.distill.checkpoint import save_checkpoint, student_identity
-        from nas_minitron.distill.fsdp import full_optimizer_state, full_student_state
-
+    def _checkpoint(self, on_checkpoint: Callable[[Path], None] | None) -> None:
         full: dict[str, Any] = {}
         if self.sharded and self.checkpointing:  # a collective: every rank gathers, rank 0 receives
             full = {"student_state": full_student_state(self.model),
@@ -323,10 +306,6 @@ class _Run:
 
     def _train_step(self, stream: _BatchStream) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss."""
-        import torch
-
-        from nas_minitron.distill.fsdp import clip_grad_norm_
-
         self.student.train()
         total = 0.0
         for _ in range(self.config.grad_accum):
@@ -350,7 +329,9 @@ class _Run:
         self.data_position = stream.position
         return total / self.config.grad_accum
 
-    def train(self, stream: _BatchStream, val: Any, on_eval: Any, on_checkpoint: Any, on_step: Any) -> DistillResult:
+    def train(self, stream: _BatchStream, val: torch.Tensor, on_eval: Callable[[EvalPoint], None] | None,
+              on_checkpoint: Callable[[Path], None] | None,
+              on_step: Callable[[StepInfo], None] | None) -> DistillResult:
         while self.step < self.num_steps:
             lr = self.optimizer.param_groups[0]["lr"]
             loss = self._train_step(stream)

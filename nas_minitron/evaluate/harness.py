@@ -1,28 +1,42 @@
 """Benchmark scores through lm-eval: the teacher and its students on the same tasks, saved side by side.
 
 `evaluate_model` runs `lm_eval.simple_evaluate` on an in-memory model (HFLM), so a freshly distilled student is
-scored without a save/load round trip. Tasks are looked up in the bundled offline tasks (`nas_minitron/tasks/`),
-then any `include_path`, and only then in lm-eval's ~15k built-in tasks (indexing those takes seconds, and most
-of them download their data from the Hugging Face hub).
+scored without a save/load round trip. Tasks are looked up in the bundled offline tasks
+(`nas_minitron/evaluate/tasks/`), then any `include_path`, and only then in lm-eval's ~15k built-in tasks (indexing
+those takes seconds, and most of them download their data from the Hugging Face hub).
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import json
 import os
+import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.errors import UserError
+from nas_minitron._lazy import lazy_import
+from nas_minitron.atomic import atomic_directory
+from nas_minitron.errors import UserError, first_line
+from nas_minitron.evaluate.speed import SpeedResult
+from nas_minitron.teacher import load_teacher
 
 if TYPE_CHECKING:
+    import lm_eval
+    import lm_eval.models.huggingface as lm_eval_hf
+    import lm_eval.tasks as lm_eval_tasks
     import pandas as pd
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from nas_minitron.evaluate.speed import SpeedResult
+else:
+    lm_eval = lazy_import("lm_eval")
+    lm_eval_hf = lazy_import("lm_eval.models.huggingface")
+    lm_eval_tasks = lazy_import("lm_eval.tasks")
+    pd = lazy_import("pandas")
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -91,7 +105,8 @@ def resolve_tasks(spec: str | Sequence[str], num_fewshot: int | None = None) -> 
     tasks: dict[str, int | None] = {}
     for name in names:
         preset = _PRESETS.get(name.lower())
-        for task, shots in (preset or {name: None}).items():
+        entries: dict[str, int | None] = dict(preset) if preset else {name: None}
+        for task, shots in entries.items():
             tasks[task] = shots if num_fewshot is None else num_fewshot
     if num_fewshot is not None and num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, but got {num_fewshot}.")
@@ -109,14 +124,14 @@ def _include_paths(include_path: str | os.PathLike[str] | None) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _indexed(paths: tuple[str, ...], include_defaults: bool) -> Any:
+def _indexed(paths: tuple[str, ...], include_defaults: bool) -> lm_eval_tasks.TaskManager:
     """Cached: indexing lm-eval's built-in tasks takes seconds, and the CLI checks names before loading a model."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+    return lm_eval_tasks.TaskManager(include_path=list(paths), include_defaults=include_defaults)
 
 
-def find_tasks(names: Sequence[str], include_path: str | os.PathLike[str] | None = None) -> tuple[Any, set[str]]:
+def find_tasks(
+    names: Sequence[str], include_path: str | os.PathLike[str] | None = None
+) -> tuple[lm_eval_tasks.TaskManager, set[str]]:
     """A TaskManager that knows every name in `names`, and the subset found locally (offline-safe).
 
     Unknown names raise a UserError suggesting close names from the task index.
@@ -131,7 +146,8 @@ def find_tasks(names: Sequence[str], include_path: str | os.PathLike[str] | None
     if unknown:
         hints = {name: difflib.get_close_matches(name, list(full.task_index), n=5, cutoff=0.6) for name in unknown}
         detail = "; ".join(
-            f"{name!r} (did you mean {', '.join(h)}?)" if h else f"{name!r} (no close match)" for name, h in hints.items()
+            f"{name!r} (did you mean {', '.join(h)}?)" if h else f"{name!r} (no close match)"
+            for name, h in hints.items()
         )
         raise UserError(
             f"unknown lm-eval task {detail}; valid: 'minitron', the bundled {sorted(local_names)}, tasks under "
@@ -141,11 +157,9 @@ def find_tasks(names: Sequence[str], include_path: str | os.PathLike[str] | None
 
 
 def load_model(
-    spec: str | os.PathLike[str], device: str = "cpu", dtype: Any = None
+    spec: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """A model directory (or any teacher spec, e.g. 'smollm2-135m') -> (model, tokenizer, label) in eval mode."""
-    from nas_minitron.teacher import load_teacher
-
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
@@ -172,8 +186,6 @@ def evaluate_model(
     label: str | None = None,
 ) -> EvalResult:
     """Score one model on lm-eval tasks (names or the 'minitron' preset); an in-memory model is moved to `device`."""
-    import time
-
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive number of examples per task, but got {limit}.")
     if batch_size < 1:
@@ -187,7 +199,7 @@ def evaluate_model(
         tokenizer = tokenizer or loaded_tokenizer
     else:
         model, default_label = model_or_path, "model"
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     if tokenizer is None:
         raise UserError("evaluate_model needs a tokenizer for an in-memory model.")
     model.eval()
@@ -205,19 +217,16 @@ def evaluate_model(
 
 
 def _run_lm_eval(
-    model: Any,
-    tokenizer: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     wanted: dict[str, int | None],
-    manager: Any,
+    manager: lm_eval_tasks.TaskManager,
     hub_tasks: set[str],
     limit: int | None,
     batch_size: int,
 ) -> dict[str, dict[str, float]]:
     """One simple_evaluate call per distinct few-shot count (lm-eval takes a single count per call)."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = lm_eval_hf.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     scores: dict[str, dict[str, float]] = {}
     for shots in sorted(set(wanted.values()), key=lambda s: -1 if s is None else s):
         names = [name for name, n in wanted.items() if n == shots]
@@ -236,7 +245,7 @@ def _run_lm_eval(
 def _hub_hint(names: list[str], err: BaseException) -> str:
     offline = [var for var in _OFFLINE_VARS if os.environ.get(var, "").lower() in ("1", "true", "yes")]
     why = f"this process is offline ({', '.join(v + '=1' for v in offline)})" if offline else "the hub is unreachable"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     return (
         f"tasks {', '.join(names)} download their data from the Hugging Face hub, but {why}: {first}. Run once "
         f"online to fill the datasets cache, or use the offline task --tasks {DEFAULT_TASKS} or --include-path DIR."
@@ -260,8 +269,6 @@ def _task_metrics(out: dict[str, Any], names: Sequence[str]) -> dict[str, dict[s
 
 def eval_table(results: Sequence[EvalResult]) -> pd.DataFrame:
     """Long table: model, params, task, metric, value (the eval/table.csv format)."""
-    import pandas as pd
-
     rows = [
         {"model": r.label, "params": r.params, "task": task, "metric": metric, "value": value}
         for r in results
@@ -288,10 +295,6 @@ _SPEED_COLUMNS = [
 
 def read_eval(run_dir: str | os.PathLike[str]) -> tuple[list[EvalResult], pd.DataFrame]:
     """The evaluations and speed rows saved under `run_dir/eval/` (empty when there are none yet)."""
-    import json
-
-    import pandas as pd
-
     eval_dir = Path(run_dir) / "eval"
     results: list[EvalResult] = []
     if (eval_dir / "results.json").is_file():
@@ -305,13 +308,6 @@ def save_eval(
     run_dir: str | os.PathLike[str], results: Sequence[EvalResult], speeds: Sequence[SpeedResult] = ()
 ) -> Path:
     """Merge into `run_dir/eval/` (results.json, table.csv, speed.csv); same label replaces. Written atomically."""
-    import json
-    import shutil
-
-    import pandas as pd
-
-    from nas_minitron.atomic import atomic_directory
-
     old_results, old_speed = read_eval(run_dir)
     merged = {r.label: r for r in old_results}
     merged.update({r.label: r for r in results})

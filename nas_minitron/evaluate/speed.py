@@ -10,17 +10,23 @@ which reads 0 if an earlier step already went higher.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import resource
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
 
 __all__ = ["SpeedResult", "kv_cache_bytes", "measure_speed"]
 
@@ -67,10 +73,6 @@ class _PeakMemory:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> _PeakMemory:
-        import resource
-
-        import torch
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -89,10 +91,6 @@ class _PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import resource
-
-        import torch
-
         if self.method == "cuda_max_memory_allocated":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
@@ -120,9 +118,6 @@ def _trim_heap() -> None:
     A process that has already run bigger steps (a search driver after distillation) keeps their freed memory in
     malloc's arenas; a new allocation reuses it without raising RSS, and the sampled peak would read ~0.
     """
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -133,8 +128,6 @@ def _trim_heap() -> None:
 
 
 def _sync(device: torch.device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -154,13 +147,11 @@ def measure_speed(
     The model is moved to `device` and left there. Random tokens are fine for speed: the work does not depend on
     the values.
     """
-    import torch
-
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("num_decode_tokens", num_decode_tokens)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, but got {name}={value!r}.")
     target = torch.device(device)
-    model.to(target).eval()
+    model.to(target).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(target)

@@ -8,22 +8,46 @@ script error into a visible box (and `data-nm-*` attributes) so that a headless 
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.errors import UserError
+from nas_minitron import __version__
+from nas_minitron._lazy import lazy_import
+from nas_minitron.atomic import atomic_directory
+from nas_minitron.distill.result import RECORD_FILE
+from nas_minitron.errors import UserError, first_line
+from nas_minitron.evaluate.harness import eval_table, read_eval, wide_table
+from nas_minitron.pipeline.run_dir import STAGES
+from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.report.plots import (
+    eval_figures,
+    importance_figures,
+    loss_curve_figure,
+    parallel_figure,
+    pareto_figure,
+    ranking_figures,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
+    import plotly.graph_objects as go
+    import plotly.io as pio
+    import plotly.offline as plotly_offline
+else:
+    pd = lazy_import("pandas")
+    pio = lazy_import("plotly.io")
+    plotly_offline = lazy_import("plotly.offline")
 
-__all__ = ["RUN_STAGES", "Section", "default_report_path", "write_report"]
+__all__ = ["Section", "default_report_path", "write_report"]
 
-RUN_STAGES = ("importance", "candidates", "logit_cache", "trials", "winners", "distill", "eval", "report")
 _STAGE_OUTPUT = {"importance": "importance", "candidates": "candidates.csv", "trials": "trials.csv",
                  "winners": "winners.csv", "eval": "eval/results.json"}  # fmt: skip
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
@@ -35,7 +59,7 @@ class Section:
 
     key: str
     title: str
-    figures: list[Any] = field(default_factory=list)
+    figures: list[go.Figure] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     missing: str = ""
@@ -51,25 +75,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
-    import pandas as pd
-
     return pd.read_csv(path) if path.is_file() else None
 
 
 def _stage_status(run_dir: Path) -> pd.DataFrame:
-    import pandas as pd
-
     rows = []
-    for stage in RUN_STAGES[:-1]:  # "report" is this very step
+    for stage in STAGES[:-1]:  # "report" is this very step
         marker = _read_json(run_dir / "stages" / f"{stage}.json")
         output = _STAGE_OUTPUT.get(stage)
         started = output is not None and (run_dir / output).exists()
         status = "complete" if marker else "in progress" if started else "missing"
-        rows.append(dict(stage=stage, status=status, wall_s=marker.get("wall_s"), finished_at=marker.get("finished_at")))
+        rows.append(dict(stage=stage, status=status, wall_s=marker.get("wall_s"),
+                         finished_at=marker.get("finished_at")))
     return pd.DataFrame(rows)
 
 
-def _guarded(section: Section, build: Any, *args: Any) -> Section:
+def _guarded(section: Section, build: Callable[..., None], *args: Any) -> Section:
     """Run a section builder; a malformed input file becomes a visible note, not a crashed report."""
     try:
         build(section, *args)
@@ -79,8 +100,6 @@ def _guarded(section: Section, build: Any, *args: Any) -> Section:
 
 
 def _summary(section: Section, run_dir: Path, stages: pd.DataFrame, trials: pd.DataFrame | None) -> None:
-    import pandas as pd
-
     config, summary = _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json")
     facts: dict[str, Any] = {"run": run_dir.resolve().name}
     for key in ("teacher", "teacher_arch", "teacher_params", "budget", "budget_params", "data", "space", "trials",
@@ -101,8 +120,6 @@ def _summary(section: Section, run_dir: Path, stages: pd.DataFrame, trials: pd.D
 
 
 def _search_sections(run_dir: Path, trials: pd.DataFrame | None, winners: pd.DataFrame | None) -> list[Section]:
-    from nas_minitron.report import plots as plots
-
     pareto, parallel = Section("pareto", "Pareto front"), Section("parallel", "Architecture axes vs. loss")
     ranking, curves_s = Section("ranking", "Ranking stability"), Section("curves", "Per-trial loss curves")
     curves = _read_csv(run_dir / "trial_curves.csv")
@@ -113,43 +130,38 @@ def _search_sections(run_dir: Path, trials: pd.DataFrame | None, winners: pd.Dat
         config = _read_json(run_dir / "config.json")
 
         def build_pareto(s: Section) -> None:
-            fig, table = plots.pareto_figure(trials, winners, config)
+            fig, table = pareto_figure(trials, winners, config)
             s.figures.append(fig)
             s.tables["pareto"] = table
 
         _guarded(pareto, build_pareto)
-        _guarded(parallel, lambda s: s.figures.append(plots.parallel_figure(trials)))
+        _guarded(parallel, lambda s: s.figures.append(parallel_figure(trials)))
         if curves is None:
             ranking.missing = "trial_curves.csv is missing."
         else:
 
             def build_ranking(s: Section) -> None:
-                figs, ranks, corr = plots.ranking_figures(curves, trials)
+                figs, ranks, corr = ranking_figures(curves, trials)
                 s.figures += figs
                 s.tables.update(ranking=ranks, spearman=corr)
 
             _guarded(ranking, build_ranking)
-    distill = {p.parent.name: _read_json(p) for p in sorted((run_dir / "winners").glob("*/distill.json"))}
+    distill = {p.parent.name: _read_json(p) for p in sorted((run_dir / "winners").glob(f"*/{RECORD_FILE}"))}
     if curves is None and not distill:
         curves_s.missing = "trial_curves.csv is missing and no winner has a distill.json."
     else:
         frame = curves if curves is not None else _empty_curves()
-        _guarded(curves_s, lambda s: s.figures.append(plots.loss_curve_figure(frame, winners, distill)))
+        _guarded(curves_s, lambda s: s.figures.append(loss_curve_figure(frame, winners, distill)))
     if trials is not None:
         curves_s.tables["trials"] = trials
     return [pareto, parallel, ranking, curves_s]
 
 
 def _empty_curves() -> pd.DataFrame:
-    import pandas as pd
-
     return pd.DataFrame(columns=["trial_id", "name", "step", "num_tokens", "val_loss", "val_kl"])
 
 
 def _importance(section: Section, run_dir: Path) -> None:
-    from nas_minitron.report import plots as plots
-    from nas_minitron.prune.scores import ImportanceScores
-
     if not (run_dir / "importance" / "scores.safetensors").is_file():
         section.missing = "importance/ has no scores yet."
         return
@@ -158,22 +170,19 @@ def _importance(section: Section, run_dir: Path) -> None:
     except UserError as err:
         section.missing = str(err)
         return
-    figs, table = plots.importance_figures(scores)
+    figs, table = importance_figures(scores)
     section.figures += figs
     section.tables["importance_layers"] = table
     section.notes.append(f"criterion: {scores.criterion}; meta: {json.dumps(scores.meta, default=str)[:300]}")
 
 
 def _evaluation(section: Section, run_dir: Path) -> None:
-    from nas_minitron.report import plots as plots
-    from nas_minitron.evaluate.harness import eval_table, read_eval, wide_table
-
     results, speed = read_eval(run_dir)
     if not results and speed.empty:
         section.missing = "eval/results.json is missing (the eval stage has not run)."
         return
     wide = wide_table(eval_table(results))
-    section.figures += plots.eval_figures(wide, speed)
+    section.figures += eval_figures(wide, speed)
     if not wide.empty:
         section.tables["eval"] = wide.reset_index().rename_axis(columns=None)
     if not speed.empty:
@@ -245,9 +254,6 @@ def _section_html(section: Section, figure_divs: list[str]) -> str:
 
 
 def _page_html(run_name: str, sections: list[Section], missing: list[str], footer: str) -> str:
-    import plotly.io as pio
-    from plotly.offline import get_plotlyjs
-
     any_figures = any(s.figures for s in sections)
     body = []
     for section in sections:
@@ -263,7 +269,7 @@ def _page_html(run_name: str, sections: list[Section], missing: list[str], foote
         if missing
         else ""
     )
-    plotly_js = f"<script>{get_plotlyjs()}</script>" if any_figures else ""
+    plotly_js = f"<script>{plotly_offline.get_plotlyjs()}</script>" if any_figures else ""
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>nas-minitron report: '
         f"{html.escape(run_name)}</title><style>{_STYLE}</style><script>{_CHECK_HOOK}</script>{plotly_js}</head>\n"
@@ -278,16 +284,13 @@ def _export_pngs(sections: list[Section], png_dir: Path) -> str:
     figures = {f"{s.key}-{i}": fig for s in sections for i, fig in enumerate(s.figures)}
     if not figures:
         return "PNG export: no figures."
-    try:
-        import kaleido  # noqa: F401
-        import plotly.io as pio
-    except ImportError:
+    if importlib.util.find_spec("kaleido") is None:
         return "PNG export skipped: kaleido is not installed (pip install kaleido; it also needs a Chrome)."
     png_dir.mkdir(parents=True, exist_ok=True)
     try:  # best effort by design: a missing or broken Chrome must not cost the user the HTML report
         pio.write_images(list(figures.values()), [png_dir / f"{name}.png" for name in figures])
     except Exception as err:  # noqa: BLE001
-        return f"PNG export skipped: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        return f"PNG export skipped: {type(err).__name__}: {first_line(err)}"
     return f"PNG export: {len(figures)} figures in {png_dir.name}/."
 
 
@@ -295,8 +298,6 @@ def _write_outputs(tmp: Path, sections: list[Section], run_name: str, missing: l
     for section in sections:
         for name, table in section.tables.items():
             table.to_csv(tmp / f"{name}.csv", index=False)
-    from nas_minitron import __version__
-
     png_note = _export_pngs(sections, tmp / "png")
     for section in sections:
         if section.key == "summary" and "summary" in section.tables:
@@ -307,14 +308,11 @@ def _write_outputs(tmp: Path, sections: list[Section], run_name: str, missing: l
 
 def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     """Write the run's HTML report (default reports/<run name>/report.html) with CSVs beside it; returns its path."""
-    import shutil
-
-    from nas_minitron.atomic import atomic_directory
-
     run = Path(run_dir)
     if not run.is_dir() or not ((run / "config.json").is_file() or (run / "stages").is_dir()):
         raise UserError(
-            f"{str(run_dir)!r} is not a run directory: expected config.json or stages/ (written by nas-minitron search)."
+            f"{str(run_dir)!r} is not a run directory: expected config.json or stages/ "
+            f"(written by nas-minitron search)."
         )
     sections, missing = _build_sections(run)
     run_name = run.resolve().name

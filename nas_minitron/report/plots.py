@@ -8,11 +8,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
+from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.space.spaces import AXES
+
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     import plotly.graph_objects as go
-
-    from nas_minitron.prune.scores import ImportanceScores
+else:
+    np = lazy_import("numpy")
+    pd = lazy_import("pandas")
+    go = lazy_import("plotly.graph_objects")
 
 __all__ = [
     "eval_figures",
@@ -25,7 +32,6 @@ __all__ = [
     "spearman",
 ]
 
-ARCH_AXES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 _AXIS_LABELS = {"num_hidden_layers": "layers", "hidden_size": "hidden", "intermediate_size": "MLP",
                 "num_attention_heads": "heads", "num_key_value_heads": "KV heads"}  # fmt: skip
 _MAX_NEURON_BINS = 64
@@ -33,8 +39,6 @@ _LAYOUT = dict(template="plotly_white", height=430, margin=dict(l=60, r=20, t=50
 
 
 def _fig(**layout: Any) -> go.Figure:
-    import plotly.graph_objects as go
-
     return go.Figure(layout={**_LAYOUT, **layout})
 
 
@@ -50,8 +54,6 @@ def pareto_mask(params: Sequence[float], losses: Sequence[float]) -> list[bool]:
 
 def spearman(a: pd.Series, b: pd.Series) -> float:
     """Spearman rank correlation (average ranks for ties) over the index both series share; nan below 2 points."""
-    import numpy as np
-
     both = a.to_frame("a").join(b.to_frame("b"), how="inner").dropna()
     if len(both) < 2:
         return float("nan")
@@ -61,7 +63,9 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
     return float(np.corrcoef(ranks["a"], ranks["b"])[0, 1])
 
 
-def pareto_figure(trials: pd.DataFrame, winners: pd.DataFrame | None, config: dict[str, Any]) -> tuple[go.Figure, pd.DataFrame]:
+def pareto_figure(
+    trials: pd.DataFrame, winners: pd.DataFrame | None, config: dict[str, Any]
+) -> tuple[go.Figure, pd.DataFrame]:
     """Params vs short-distillation val loss of finished trials; front, winners, teacher and budget marked."""
     done = trials[trials["status"] == "COMPLETE"].dropna(subset=["val_loss"]).copy()
     done["on_front"] = pareto_mask(list(done["params"]), list(done["val_loss"]))
@@ -90,16 +94,14 @@ def pareto_figure(trials: pd.DataFrame, winners: pd.DataFrame | None, config: di
         fig.add_vline(x=teacher_params, line_dash="dot", line_color="black", annotation_text="teacher")
     if config.get("budget_params"):
         fig.add_vline(x=config["budget_params"], line_dash="dash", line_color="#e4572e", annotation_text="budget")
-    columns = ["name", "params", "val_loss", "val_kl", "on_front", "is_winner", *ARCH_AXES]
+    columns = ["name", "params", "val_loss", "val_kl", "on_front", "is_winner", *AXES]
     return fig, done[[c for c in columns if c in done.columns]].sort_values("params")
 
 
 def parallel_figure(trials: pd.DataFrame) -> go.Figure:
     """Parallel coordinates: one line per finished trial through its arch axes, ending at its loss."""
-    import plotly.graph_objects as go
-
     done = trials[trials["status"] == "COMPLETE"].dropna(subset=["val_loss"])
-    dims = [dict(label=_AXIS_LABELS[a], values=done[a]) for a in ARCH_AXES if a in done.columns]
+    dims = [dict(label=_AXIS_LABELS[a], values=done[a]) for a in AXES if a in done.columns]
     dims += [dict(label="params", values=done["params"]), dict(label="val loss", values=done["val_loss"])]
     line = dict(color=done["val_loss"], colorscale="Viridis_r", showscale=True, colorbar=dict(title="loss"))
     layout = {**_LAYOUT, "title": "Architecture axes vs. validation loss", "margin": dict(l=60, r=40, t=110, b=40)}
@@ -115,8 +117,6 @@ def ranking_figures(curves: pd.DataFrame, trials: pd.DataFrame) -> tuple[list[go
     final = trials[trials["status"] == "COMPLETE"].set_index("name")["val_loss"].astype(float)
     rows = [dict(step=int(step), spearman_to_final=spearman(losses[step], final),
                  num_candidates=int(losses[step].notna().sum())) for step in losses.columns]  # fmt: skip
-    import pandas as pd
-
     corr = pd.DataFrame(rows, columns=["step", "spearman_to_final", "num_candidates"])
     rank_fig = _fig(title="Ranking stability: rank at each validation step (1 = lowest loss)",
                     xaxis_title="validation step", yaxis=dict(title="rank", autorange="reversed"))  # fmt: skip
@@ -134,17 +134,17 @@ def ranking_figures(curves: pd.DataFrame, trials: pd.DataFrame) -> tuple[list[go
 
 def importance_figures(scores: ImportanceScores) -> tuple[list[go.Figure], pd.DataFrame]:
     """Heatmaps of head and (binned) neuron importance per layer, and layer-importance curves."""
-    import pandas as pd
-
     heads = scores.heads.float().numpy()  # [L, A]
     neurons = scores.neurons.float()  # [L, I]
     num_bins = min(_MAX_NEURON_BINS, neurons.shape[1])
     edges = [round(i * neurons.shape[1] / num_bins) for i in range(num_bins + 1)]
     binned = [neurons[:, a:b].mean(dim=1).numpy() for a, b in zip(edges, edges[1:])]  # num_bins x [L]
-    head_fig = _fig(title="Attention-head importance", xaxis=dict(title="head", dtick=1), yaxis=dict(title="layer", dtick=1))
+    head_fig = _fig(title="Attention-head importance", xaxis=dict(title="head", dtick=1),
+                    yaxis=dict(title="layer", dtick=1))
     head_fig.add_heatmap(z=heads, colorscale="Viridis", hovertemplate="layer %{y}, head %{x}: %{z:.4g}<extra></extra>")
     neuron_fig = _fig(title=f"MLP-neuron importance (mean over {num_bins} bins of neuron index)",
-                      xaxis_title=f"neuron bin (width {neurons.shape[1] / num_bins:.0f})", yaxis=dict(title="layer", dtick=1))  # fmt: skip
+                      xaxis_title=f"neuron bin (width {neurons.shape[1] / num_bins:.0f})",
+                      yaxis=dict(title="layer", dtick=1))  # fmt: skip
     neuron_fig.add_heatmap(z=[list(col) for col in zip(*binned)], colorscale="Viridis",
                            hovertemplate="layer %{y}, bin %{x}: %{z:.4g}<extra></extra>")  # fmt: skip
     layer_fig = _fig(title="Layer importance", xaxis=dict(title="layer (window start for removal losses)", dtick=1),
@@ -163,7 +163,9 @@ def importance_figures(scores: ImportanceScores) -> tuple[list[go.Figure], pd.Da
     return [head_fig, neuron_fig, layer_fig], table
 
 
-def loss_curve_figure(curves: pd.DataFrame, winners: pd.DataFrame | None, distill: dict[str, dict[str, Any]]) -> go.Figure:
+def loss_curve_figure(
+    curves: pd.DataFrame, winners: pd.DataFrame | None, distill: dict[str, dict[str, Any]]
+) -> go.Figure:
     """Validation loss vs tokens for every trial (winners bold), plus full-distillation curves of the winners."""
     winner_names = set(winners["name"]) if winners is not None else set()
     fig = _fig(title="Validation loss per trial (short distillation) and winners' full distillation",
@@ -192,7 +194,8 @@ def eval_figures(wide: pd.DataFrame, speed: pd.DataFrame) -> list[go.Figure]:
             fig.add_bar(x=labels, y=main[model], name=str(model))
         figs.append(fig)
     if not speed.empty:
-        fig = _fig(title="Speed (tokens/s, higher is better)", yaxis=dict(title="tokens/s", type="log"), barmode="group")
+        fig = _fig(title="Speed (tokens/s, higher is better)", yaxis=dict(title="tokens/s", type="log"),
+                   barmode="group")
         fig.add_bar(x=speed["model"], y=speed["prefill_tok_s"], name="prefill")
         fig.add_bar(x=speed["model"], y=speed["decode_tok_s"], name="decode")
         figs.append(fig)

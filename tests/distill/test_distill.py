@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
+from nas_minitron.distill.config import DistillResult
+from nas_minitron.distill.result import save_distilled
 from nas_minitron.distill.trainer import DistillConfig, NonFiniteLossError, StepInfo, distill
 from nas_minitron.errors import UserError
+from tiny_models import tiny_model
 
 SEQ_LEN = 16
 
@@ -171,3 +176,27 @@ def test_iterable_batches_resume_by_position(tmp_path: Path) -> None:
     distill(_student(), batches, _data(4), config, teacher=_teacher(), checkpoint_dir=tmp_path, resume=True,
             on_step=resumed.append)
     assert [s.loss for s in resumed] == [s.loss for s in straight[4:]]
+
+
+def test_save_distilled_writes_a_loadable_student_and_one_record(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    student, config = _student(), _config(num_tokens=4 * SEQ_LEN * 2)
+    result = distill(student, _data(8), _data(4, seed=1), config, teacher=_teacher())
+    out = save_distilled(tmp_path / "out", student, None, result, config=config, teacher="t", data="builtin",
+                         extra_files={"pruning.json": "{}"})
+    record = json.loads((out / "distill.json").read_text())
+    assert list(record) == ["teacher", "student", "data", "logit_cache", "config", "num_tokens", "num_steps",
+                            "val_loss", "val_kl", "wall_s", "resumed_from_step", "curve"]
+    assert record["config"] == config.to_dict() and record["student"] is None and record["curve"][0]["step"] == 0
+    assert DistillResult.from_dict(record) == result
+    assert (out / "pruning.json").read_text() == "{}"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), student.parameters(), strict=True))
+
+
+def test_importing_distill_stays_light() -> None:
+    code = ("import sys, nas_minitron.distill, nas_minitron.distill.ray_train, nas_minitron.distill.result; "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'numpy', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

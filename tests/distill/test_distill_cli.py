@@ -7,38 +7,24 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
 from tiny_models import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# Runs the real CLI in a subprocess. Until every module named in cli._COMMANDS exists on this branch (prune and
-# inspect live on another branch), the runner leaves out the missing ones; once merged this is `-m nas_minitron`.
-_RUNNER = (
-    "import importlib.util, sys; import nas_minitron.cli as cli; "
-    "cli._COMMANDS = tuple(c for c in cli._COMMANDS "
-    "if importlib.util.find_spec('nas_minitron.commands.' + c[1]) is not None); "
-    "raise SystemExit(cli.main(sys.argv[1:]))"
-)
-
-
 def _subprocess_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", _RUNNER, *args], capture_output=True, text=True, env=env,
+    """The real CLI (`python -m nas_minitron`) in a subprocess."""
+    path = os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-m", "nas_minitron", *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
     """The CLI in this process (seconds faster than a subprocess): returns (exit code, stdout, stderr)."""
-    import importlib.util
-
     import nas_minitron.cli as cli_module
-
-    present = tuple(c for c in cli_module._COMMANDS
-                    if importlib.util.find_spec("nas_minitron.commands." + c[1]) is not None)
-    monkeypatch.setattr(cli_module, "_COMMANDS", present)
 
     def run(*args: str) -> tuple[int, str, str]:
         code = cli_module.main(list(args))
@@ -76,7 +62,8 @@ def _common(corpus: Path, out: Path) -> list[str]:
 def test_distill_cli_writes_a_loadable_student(tiny_teacher_dir: Path, student_dir: Path, corpus: Path,
                                                tmp_path: Path) -> None:
     out = tmp_path / "distilled"
-    done = _subprocess_cli("distill", "--teacher", str(tiny_teacher_dir), "--student", str(student_dir), "--is-loss", "cosine",
+    done = _subprocess_cli("distill", "--teacher", str(tiny_teacher_dir), "--student", str(student_dir),
+                           "--is-loss", "cosine",
                 "--lm-weight", "0.5", *_common(corpus, out))
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "distill.json").read_text())

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
 from transformers import PreTrainedModel
 
-from nas_minitron.distill.trainer import DistillConfig, distill
 from nas_minitron.distill.ray_train import distill_ray, ray_env
+from nas_minitron.distill.trainer import DistillConfig, distill
+from tiny_models import tiny_model
 
 SEQ_LEN = 16
 

@@ -9,15 +9,16 @@ pytestmark = pytest.mark.slow
 
 def test_short_distillation_of_smollm2_lowers_validation_kl_and_loss() -> None:
     from nas_minitron.arch import ArchConfig
-    from nas_minitron.prune.baselines import magnitude_scores
     from nas_minitron.data import take_sequences
     from nas_minitron.distill.trainer import DistillConfig, distill
+    from nas_minitron.families import describe_model
+    from nas_minitron.prune.baselines import magnitude_scores
     from nas_minitron.prune.keep import keep_from_scores
-    from nas_minitron.prune.surgery import materialize, teacher_arch
+    from nas_minitron.prune.surgery import materialize
     from nas_minitron.teacher import load_teacher
 
     teacher, tokenizer = load_teacher("smollm2-135m")
-    _family, t_arch = teacher_arch(teacher)
+    _family, t_arch = describe_model(teacher)
     target = ArchConfig.parse("L18-H576-I1536-A9-KV3", t_arch.head_dim)
     student = materialize(teacher, target, keep_from_scores(magnitude_scores(teacher), t_arch, target))
     train = take_sequences("builtin", tokenizer, "train", 128, 32)

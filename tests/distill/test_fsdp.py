@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from nas_minitron.distill.trainer import DistillConfig, EvalPoint, distill
+from tiny_models import tiny_model
 
 SEQ_LEN = 16
 WORLD = 2

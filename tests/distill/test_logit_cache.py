@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
 
-from nas_minitron.distill.trainer import DistillConfig, StepInfo, distill
-from nas_minitron.distill.losses import topk_targets
-from nas_minitron.errors import UserError
 from nas_minitron.distill.logit_cache import LogitCache, build_logit_cache
+from nas_minitron.distill.losses import topk_targets
+from nas_minitron.distill.trainer import DistillConfig, StepInfo, distill
+from nas_minitron.errors import UserError
+from tiny_models import tiny_model, tiny_tokenizer
 
 SEQ_LEN = 16
 

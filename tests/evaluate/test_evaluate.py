@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tiny_models import tiny_model, tiny_tokenizer
 
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import (
@@ -21,6 +20,7 @@ from nas_minitron.evaluate.harness import (
     save_eval,
     wide_table,
 )
+from tiny_models import tiny_model, tiny_tokenizer
 
 TASK = "pydoc_next_sentence"
 ROOT = Path(__file__).resolve().parents[2]

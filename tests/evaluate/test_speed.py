@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from nas_minitron.arch import ArchConfig
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.speed import SpeedResult, kv_cache_bytes, measure_speed
+from tiny_models import tiny_model
 
 
 def test_measure_speed_record_is_sane() -> None:

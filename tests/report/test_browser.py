@@ -15,14 +15,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from nas_minitron.report.page import write_report
 from synthetic_run import write_synthetic_run
 from tiny_models import save_tiny_teacher
 
-from nas_minitron.report.page import write_report
-
 pytestmark = pytest.mark.browser
 
-_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "chrome-headless-shell")
+_CANDIDATES = (
+    "chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "chrome-headless-shell",
+)
 _FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--enable-unsafe-swiftshader", "--hide-scrollbars",
@@ -52,7 +54,8 @@ def report_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_report_renders_in_headless_chromium(report_page: Path, tmp_path: Path) -> None:
     binary = _chromium()
     if binary is None:
-        pytest.skip(f"no Chromium/Chrome binary found (looked for {', '.join(_CANDIDATES)}; or set NAS_MINITRON_CHROME)")
+        pytest.skip(f"no Chromium/Chrome binary found (looked for {', '.join(_CANDIDATES)}; "
+                    f"or set NAS_MINITRON_CHROME)")
     url = report_page.resolve().as_uri()
     proc = _run_chromium(binary, tmp_path / "profile-dom", "--dump-dom", url)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,14 +67,16 @@ def test_report_renders_in_headless_chromium(report_page: Path, tmp_path: Path) 
     # Every figure the page defines was drawn into SVG by plotly.js.
     num_figures = report_page.read_text().count("Plotly.newPlot(")
     assert num_figures >= 10
-    drawn = re.findall(r'<div id="([a-z]+-\d+)" class="plotly-graph-div js-plotly-plot"[^>]*>.*?<svg class="main-svg"', dom, re.S)
+    drawn = re.findall(r'<div id="([a-z]+-\d+)" class="plotly-graph-div js-plotly-plot"[^>]*>.*?<svg class="main-svg"',
+                       dom, re.S)
     assert len(set(drawn)) == num_figures and int(attrs["plots"]) >= num_figures
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
     assert not [line for line in console if re.search(r"Uncaught|TypeError|ReferenceError|SyntaxError", line)]
     assert "net::ERR" not in proc.stderr
 
     screenshot = tmp_path / "report.png"
-    shot = _run_chromium(binary, tmp_path / "profile-shot", "--window-size=1280,7600", f"--screenshot={screenshot}", url)
+    shot = _run_chromium(binary, tmp_path / "profile-shot", "--window-size=1280,7600", f"--screenshot={screenshot}",
+                         url)
     assert shot.returncode == 0 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 50_000  # a blank page compresses to a few KB
     if os.environ.get("NAS_MINITRON_SCREENSHOT_DIR"):

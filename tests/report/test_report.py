@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from synthetic_run import write_synthetic_run
-from tiny_models import save_tiny_teacher
 
 from nas_minitron.errors import UserError
 from nas_minitron.report.page import write_report
 from nas_minitron.report.plots import pareto_mask, spearman
+from synthetic_run import write_synthetic_run
+from tiny_models import save_tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     teacher = save_tiny_teacher(root / "teacher", "llama", num_hidden_layers=4, intermediate_size=128)
     return {
         "full": write_synthetic_run(root / "run-full", teacher),
-        "partial": write_synthetic_run(root / "run-partial", teacher, upto="candidates"),
+        "partial": write_synthetic_run(root / "run-partial", teacher, upto="importance"),  # candidates, importance
     }
 
 
@@ -44,7 +44,9 @@ def test_spearman_matches_known_values() -> None:
     assert spearman(a, b.drop(["a", "b", "c", "d"])) != spearman(a, b.drop(["a", "b", "c", "d"]))  # nan: 1 point
 
 
-def test_full_report_is_self_contained_with_csvs(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_report_is_self_contained_with_csvs(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     path = write_report(runs["full"])
     assert path == Path("reports/run-full/report.html")
@@ -88,7 +90,7 @@ def test_report_of_a_bare_run_directory_renders_without_plots(tmp_path: Path) ->
     run = tmp_path / "bare"
     (run / "stages").mkdir(parents=True)
     page = write_report(run, tmp_path / "bare.html").read_text()
-    assert "missing: importance (missing), candidates (missing)" in page and "Plotly.newPlot(" not in page
+    assert "missing: candidates (missing), importance (missing)" in page and "Plotly.newPlot(" not in page
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
@@ -108,7 +110,8 @@ def test_cli_report(runs: dict[str, Path], tmp_path: Path) -> None:
 
 def test_importing_the_package_stays_light() -> None:
     code = (
-        "import sys, nas_minitron.evaluate.harness, nas_minitron.evaluate.speed, nas_minitron.report.page, nas_minitron.report.plots, "
+        "import sys, nas_minitron.evaluate, nas_minitron.evaluate.harness, nas_minitron.evaluate.speed, "
+        "nas_minitron.report, nas_minitron.report.page, nas_minitron.report.plots, "
         "nas_minitron.commands.evaluate, nas_minitron.commands.report; "
         "print(sorted(m for m in ('torch', 'plotly', 'pandas', 'lm_eval', 'transformers') if m in sys.modules))"
     )

@@ -1,4 +1,5 @@
-"""What `distill` and `correct-teacher` share: training flags, data loading, progress bar, output writing."""
+"""Flags and helpers that several commands share: the teacher flags, and what `distill` and `correct-teacher`
+share (training flags, device and dtype, data loading, progress bar)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,57 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
+from nas_minitron.data import iter_sequences, take_sequences
+from nas_minitron.distill.config import DistillConfig, StepInfo
 from nas_minitron.errors import UserError
+from nas_minitron.runtime import resolve_device
 
 if TYPE_CHECKING:
     import torch
+    import tqdm
+    from transformers import PreTrainedTokenizerBase
+else:
+    torch = lazy_import("torch")
+    tqdm = lazy_import("tqdm")
 
-    from nas_minitron.distill.config import DistillConfig, StepInfo
+__all__ = [
+    "TEACHER_HELP",
+    "add_teacher_args",
+    "add_training_args",
+    "config_from_args",
+    "device_and_dtype",
+    "load_sequences",
+    "progress",
+]
 
-__all__ = ["add_training_args", "config_from_args", "load_sequences", "progress", "resolve_device"]
+TEACHER_HELP = "local HF model directory, .gguf file, hub id (org/name), or the embedded default 'smollm2-135m'"
+
+
+def add_teacher_args(
+    parser: argparse.ArgumentParser, *, required: bool = True, help: str | None = None, default: str | None = None
+) -> None:
+    """--teacher, --cache-dir and --trust-remote-code, shared by every command that reads a teacher.
+
+    `help` replaces the --teacher help (default `TEACHER_HELP`); `default` is --teacher's value when not given.
+    """
+    parser.add_argument("--teacher", required=required, default=default, help=help or TEACHER_HELP)
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where converted GGUF teachers are cached (default: $NAS_MINITRON_CACHE or ~/.cache/nas-minitron)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code from the model repositories (config and model classes; transformers' trust_remote_code)",
+    )
 
 
 def add_training_args(parser: argparse.ArgumentParser, lr: float) -> None:
     """--data, --tokens, --out and the optimisation flags."""
-    parser.add_argument("--data", default="builtin", help="'builtin', a local file/folder, or hf:NAME (default: builtin)")
+    parser.add_argument("--data", default="builtin",
+                        help="'builtin', a local file/folder, or hf:NAME (default: builtin)")
     parser.add_argument("--tokens", type=int, required=True, help="training budget in tokens")
     parser.add_argument("--out", type=Path, required=True, help="output model directory (must not exist)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
@@ -45,19 +84,13 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
-def resolve_device(args: argparse.Namespace) -> tuple[str, str]:
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
     """(device, dtype): cuda when available, and bf16 there unless told otherwise."""
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device!r} but CUDA is not available; valid here: cpu.")
+    device = resolve_device(args.device or "auto")
     return device, args.dtype or ("bf16" if device.startswith("cuda") else "float32")
 
 
 def config_from_args(args: argparse.Namespace, dtype: str, **fields: Any) -> DistillConfig:
-    from nas_minitron.distill.config import DistillConfig
-
     return DistillConfig(
         num_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_fraction=args.warmup_fraction,
@@ -67,13 +100,9 @@ def config_from_args(args: argparse.Namespace, dtype: str, **fields: Any) -> Dis
     )
 
 
-def load_sequences(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def load_sequences(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
     """Training sequences [N, T] covering --tokens once (fewer if the split is smaller: they repeat) and
     validation sequences [V, T] from the held-out split."""
-    import torch
-
-    from nas_minitron.data import iter_sequences, take_sequences
-
     needed = -(-args.tokens // args.seq_len)
     rows = list(itertools.islice(iter_sequences(args.data, tokenizer, "train", args.seq_len, args.seed), needed))
     if len(rows) < args.batch_size:
@@ -85,9 +114,7 @@ def load_sequences(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tens
 
 def progress(total_tokens: int, desc: str) -> tuple[Callable[[StepInfo], None], Callable[[], None]]:
     """A tqdm bar on stderr (tokens/s, loss, ETA): (per-step callback, close)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm.tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
 
     def on_step(info: StepInfo) -> None:
         bar.update(info.num_tokens - bar.n)  # after a resume the first update jumps to the checkpoint's tokens
