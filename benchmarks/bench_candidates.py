@@ -18,16 +18,17 @@ import time
 from collections.abc import Callable
 
 from nas_minitron.arch import ArchConfig, count_params
-from nas_minitron.space.presets import load_preset
-from nas_minitron.space.candidates import (
+from nas_minitron.space.candidates import (  # noqa: PLC2701  (benchmark-only peek at the walk)
     AXES,
+    _scan,
+    _teacher,
     axis_values,
     budget_window,
     count_combinations,
     default_space,
     enumerate_candidates,
 )
-from nas_minitron.space.candidates import _scan, _teacher  # noqa: PLC2701  (benchmark-only peek at the walk)
+from nas_minitron.space.presets import load_preset
 
 # Llama-3.1-70B's published config.json facts (no preset ships: nothing in the tool needs it yet).
 LLAMA_70B = {**load_preset("llama-3.1-8b"), "num_hidden_layers": 80, "hidden_size": 8192,
@@ -52,7 +53,8 @@ def brute_force(config: dict, budget: int, tolerance: float) -> int:
     lo, hi = budget_window(budget, tolerance)
     hits = 0
     for shape in itertools.product(*(values[axis] for axis in AXES)):
-        if shape[3] % shape[4] == 0 and lo <= count_params(ArchConfig(*shape, teacher.arch.head_dim), teacher.inv) <= hi:
+        params = count_params(ArchConfig(*shape, teacher.arch.head_dim), teacher.inv)
+        if shape[3] % shape[4] == 0 and lo <= params <= hi:
             hits += 1
     return hits
 

@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 
 from nas_minitron.arch import ArchConfig
-from nas_minitron.prune.baselines import magnitude_scores
 from nas_minitron.data import take_sequences
-from nas_minitron.distill.trainer import DistillConfig, StepInfo, distill
-from nas_minitron.prune.keep import keep_from_scores
 from nas_minitron.distill.logit_cache import build_logit_cache
-from nas_minitron.prune.surgery import materialize, teacher_arch
+from nas_minitron.distill.trainer import DistillConfig, distill
+from nas_minitron.families import describe_model
+from nas_minitron.prune.baselines import magnitude_scores
+from nas_minitron.prune.keep import keep_from_scores
+from nas_minitron.prune.surgery import materialize
 from nas_minitron.teacher import load_teacher
 
 
 def pruned_student(teacher, arch_name: str):  # type: ignore[no-untyped-def]
-    _family, t_arch = teacher_arch(teacher)
+    _family, t_arch = describe_model(teacher)
     target = ArchConfig.parse(arch_name, t_arch.head_dim)
     keep = keep_from_scores(magnitude_scores(teacher), t_arch, target)
     return materialize(teacher, target, keep), keep.layers

@@ -29,11 +29,12 @@ RANDOM_SEEDS = (0, 1, 2)
 def _val_loss(teacher: Any, scores: Any, target_name: str, val: Any, depth_method: str = "auto",
               rescale_norms: bool = True) -> float:
     from nas_minitron.arch import ArchConfig
+    from nas_minitron.families import describe_model
     from nas_minitron.prune.keep import keep_from_scores
     from nas_minitron.prune.lm_loss import lm_loss
-    from nas_minitron.prune.surgery import materialize, teacher_arch
+    from nas_minitron.prune.surgery import materialize
 
-    _, t_arch = teacher_arch(teacher)
+    _, t_arch = describe_model(teacher)
     target = ArchConfig.parse(target_name, t_arch.head_dim)
     keep = keep_from_scores(scores, t_arch, target, depth_method)
     student = materialize(teacher, target, keep, rescale_norms=rescale_norms)
@@ -108,20 +109,21 @@ def _run(args: argparse.Namespace) -> None:
     import torch
 
     from nas_minitron.arch import ArchConfig
-    from nas_minitron.prune.baselines import magnitude_scores, random_scores
     from nas_minitron.data import take_sequences
+    from nas_minitron.families import describe_model
+    from nas_minitron.prune.baselines import magnitude_scores, random_scores
     from nas_minitron.prune.importance import compute_importance
     from nas_minitron.prune.lm_loss import lm_loss
-    from nas_minitron.prune.surgery import teacher_arch
     from nas_minitron.teacher import load_teacher
 
     torch.manual_seed(0)
     teacher, tokenizer = load_teacher(args.teacher)
-    _, t_arch = teacher_arch(teacher)
+    _, t_arch = describe_model(teacher)
     calib = take_sequences("builtin", tokenizer, "calibration", args.seq_len, args.calib)
     val = take_sequences("builtin", tokenizer, "validation", args.seq_len, args.val)
     axes = args.axes.split(",")
-    results: dict[str, Any] = {"bf16_autocast": args.bf16, "depth_calib": args.depth_calib, "teacher": t_arch.name, "calib_sequences": args.calib, "val_sequences": args.val,
+    results: dict[str, Any] = {"bf16_autocast": args.bf16, "depth_calib": args.depth_calib, "teacher": t_arch.name,
+                               "calib_sequences": args.calib, "val_sequences": args.val,
                                "seq_len": args.seq_len, "loss_samples": args.loss_samples, "axes": {}}
     start = time.perf_counter()
     teacher_loss = lm_loss(teacher, val, batch_size=8)

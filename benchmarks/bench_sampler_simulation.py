@@ -3,7 +3,7 @@
 A search trial is deterministic on CPU float32 (same seed, same data: bench_search_vs_exhaustive.py checks the
 re-run against the search to the last digit), so once *every* candidate has been distilled for the short budget
 (`<run-dir>/exhaustive/results.json`), a search can be replayed without training: the real Optuna sampler
-(`trials.make_sampler`) proposes through the real define-by-run space (`trial_search.CandidateSpace`, with the
+(`search.tune.make_sampler`) proposes through the real define-by-run space (`search.searcher.CandidateSpace`, with the
 run's enqueued baselines first, as OptunaSearch does) and is told the measured objective of what it proposed.
 A re-proposed candidate costs nothing (the search reuses `trial_results/`), so compute = distinct candidates.
 

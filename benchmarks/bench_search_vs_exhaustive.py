@@ -2,7 +2,7 @@
 
 Takes a finished search run directory (e.g. `runs/default` from `bash scripts/run_default.sh`), rebuilds the exact
 trial spec the search used (same teacher, importance, token stream, teacher-logit cache and distillation config;
-`search_stages.trial_spec`) and runs `candidate_run.run_candidate` for every candidate in `candidates.csv`, without
+`pipeline.stages.trial_spec`) and runs `search.worker.run_candidate` for every candidate in `candidates.csv`, without
 Ray, in `--workers` processes of one torch thread each (the search's default: 2 trials at once, 1 CPU each).
 Then it compares:
 
@@ -50,7 +50,7 @@ def _run_one(arch_name: str, spec: Any) -> dict[str, Any]:
 
 def load_run(run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The trial spec the search used, and its configuration."""
-    from nas_minitron.pipeline.runner import Run
+    from nas_minitron.pipeline.run_dir import Run
     from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
     from nas_minitron.pipeline.stages import trial_spec
 
@@ -73,8 +73,8 @@ def main() -> None:
 
     import pandas as pd
 
+    from nas_minitron.pipeline.run_dir import read_csv, write_csv
     from nas_minitron.report.plots import spearman
-    from nas_minitron.pipeline.stages import read_csv, write_csv
 
     spec, config = load_run(run_dir)
     objective = config["objectives"][0]
@@ -147,7 +147,8 @@ def main() -> None:
                                              "val_loss", "rank"])
 
     print(json.dumps(summary, indent=1))
-    print(f"\n| rank | candidate | params | {objective} step 0 | {objective} end | searched |\n|---|---|---|---|---|---|")
+    print(f"\n| rank | candidate | params | {objective} step 0 | {objective} end | searched |")
+    print("|---|---|---|---|---|---|")
     for t in finite:
         print(f"| {t['rank']} | {t['name']} | {t['params']:,} | {t[f'{objective}_step0']:.3f} | {t[objective]:.3f} | "
               f"{'yes' if t['name'] in unique_searched else ''} |")

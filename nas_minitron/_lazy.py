@@ -27,7 +27,7 @@ class _LazyModule(types.ModuleType):
         self.__dict__["_lazy_target"] = None
 
     def _load(self) -> types.ModuleType:
-        target = self.__dict__["_lazy_target"]
+        target: types.ModuleType | None = self.__dict__["_lazy_target"]
         if target is None:
             target = importlib.import_module(self.__name__)
             self.__dict__["_lazy_target"] = target

@@ -6,7 +6,6 @@ trial losses and curves are synthetic but shaped like short distillation runs (n
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import math
@@ -14,21 +13,18 @@ import random
 from pathlib import Path
 from typing import Any
 
-STAGES = ("importance", "candidates", "logit_cache", "trials", "winners", "distill", "eval", "report")
+from nas_minitron.distill.config import DistillResult, EvalPoint
+from nas_minitron.distill.result import distill_record
+from nas_minitron.pipeline.run_dir import CURVE_COLUMNS, STAGES, TRIAL_COLUMNS, WINNER_COLUMNS, write_csv
+from nas_minitron.space.candidates import CANDIDATE_COLUMNS
+
 NUM_STEPS = 5
 TOKENS_PER_STEP = 2048
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _candidates(teacher_arch: Any, invariants: Any) -> list[Any]:
-    from nas_minitron.families import get_family
     from nas_minitron.arch import ArchConfig, prune_problems
+    from nas_minitron.families import get_family
 
     family = get_family("llama")
     archs = []
@@ -77,20 +73,20 @@ def write_synthetic_run(run_dir: Path, teacher_dir: Path, *, upto: str = "report
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nas_minitron.families import get_family
     from nas_minitron.arch import count_params
     from nas_minitron.evaluate.harness import EvalResult, save_eval
-    from nas_minitron.prune.keep import keep_from_scores
-    from nas_minitron.prune.surgery import materialize, teacher_arch
-    from nas_minitron.prune.scores import ImportanceScores
     from nas_minitron.evaluate.speed import measure_speed
+    from nas_minitron.families import describe_model, get_family
+    from nas_minitron.prune.keep import keep_from_scores
+    from nas_minitron.prune.scores import ImportanceScores
+    from nas_minitron.prune.surgery import materialize
 
     done = STAGES[: STAGES.index(upto) + 1]
     rng = random.Random(0)
     run_dir.mkdir(parents=True)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    _, t_arch = teacher_arch(teacher)
+    _, t_arch = describe_model(teacher)
     invariants = get_family("llama").invariants_from_config(teacher.config.to_dict())
     teacher_params = count_params(t_arch, invariants)
     config = dict(
@@ -122,16 +118,15 @@ def write_synthetic_run(run_dir: Path, teacher_dir: Path, *, upto: str = "report
     archs = _candidates(t_arch, invariants)
     if "candidates" in done:
         kv_per_token = {a.name: 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2 for a in archs}
-        rows = [dict(a.to_dict(), name=a.name, params=count_params(a, invariants), kv_bytes_per_token=kv_per_token[a.name],
-                     flops_per_token=2 * count_params(a, invariants)) for a in archs]  # fmt: skip
-        columns = ["name", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "params", "kv_bytes_per_token", "flops_per_token"]  # fmt: skip
-        _write_csv(run_dir / "candidates.csv", rows, columns)
+        rows = [dict(a.to_dict(), name=a.name, params=count_params(a, invariants),
+                     kv_bytes_per_token=kv_per_token[a.name], flops_per_token=2 * count_params(a, invariants))
+                for a in archs]
+        write_csv(run_dir / "candidates.csv", rows, CANDIDATE_COLUMNS)
 
     if "candidates" in done:  # trials start right after candidates: a partial run has RUNNING trials
         trials, curves = _trial_rows(archs, invariants, rng, running="trials" not in done)
-        _write_csv(run_dir / "trials.csv", trials, list(trials[0]))
-        _write_csv(run_dir / "trial_curves.csv", curves, list(curves[0]))
+        write_csv(run_dir / "trials.csv", trials, TRIAL_COLUMNS)
+        write_csv(run_dir / "trial_curves.csv", curves, CURVE_COLUMNS)
     if "winners" not in done:
         return run_dir
 
@@ -146,22 +141,25 @@ def write_synthetic_run(run_dir: Path, teacher_dir: Path, *, upto: str = "report
         tokenizer.save_pretrained(out)
         (out / "pruning.json").write_text(json.dumps({"teacher": str(teacher_dir), "arch": arch.to_dict()}))
         if "distill" in done:
-            curve = [dict(step=s, num_tokens=s * 8192, val_loss=round(trial["val_loss"] - 0.3 * (1 - math.exp(-s / 2)), 5),
-                          val_kl=round(trial["val_kl"] * math.exp(-s / 3), 5)) for s in range(6)]  # fmt: skip
-            distill = dict(num_tokens=curve[-1]["num_tokens"], val_loss=curve[-1]["val_loss"],
-                           val_kl=curve[-1]["val_kl"], curve=curve)  # fmt: skip
-            (out / "distill.json").write_text(json.dumps(distill, indent=2))
+            curve = tuple(EvalPoint(step=s, num_tokens=s * 8192,
+                                    val_loss=round(trial["val_loss"] - 0.3 * (1 - math.exp(-s / 2)), 5),
+                                    val_kl=round(trial["val_kl"] * math.exp(-s / 3), 5), train_loss=math.nan,
+                                    wall_s=float(s)) for s in range(6))
+            result = DistillResult(curve=curve, val_loss=curve[-1].val_loss, val_kl=curve[-1].val_kl,
+                                   num_tokens=curve[-1].num_tokens, num_steps=5, wall_s=5.0)
+            (out / "distill.json").write_text(json.dumps(distill_record(result), indent=2))
         winner_rows.append(dict(rank=rank, name=arch.name, params=trial["params"], val_loss=trial["val_loss"],
                                 val_kl=trial["val_kl"], path=str(out)))  # fmt: skip
         winners.append((arch.name, student, trial["params"]))
-    _write_csv(run_dir / "winners.csv", winner_rows, list(winner_rows[0]))
+    write_csv(run_dir / "winners.csv", winner_rows, WINNER_COLUMNS)
 
     if "eval" in done:
         results, speeds = [], []
         for label, model, params in [("teacher", teacher, teacher_params), *winners]:
             acc = round(0.25 + 0.3 * params / teacher_params + rng.uniform(-0.02, 0.02), 4)
             task = {"acc": acc, "acc_stderr": 0.04, "acc_norm": round(acc - 0.01, 4), "acc_norm_stderr": 0.04}
-            results.append(EvalResult(label, params, {"pydoc_next_sentence": task}, num_fewshot={"pydoc_next_sentence": 0}))
+            results.append(EvalResult(label, params, {"pydoc_next_sentence": task},
+                                      num_fewshot={"pydoc_next_sentence": 0}))
             speeds.append(measure_speed(model, 2, 32, "cpu", 4, label=label))
         save_eval(run_dir, results, speeds)
     summary = dict(teacher=str(teacher_dir), budget="0.7x", data="pydoc", started_at="2026-11-20T11:00:00",

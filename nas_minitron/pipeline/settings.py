@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from nas_minitron.errors import UserError
+from nas_minitron.search.protocol import SAMPLERS
+from nas_minitron.search.winners import OBJECTIVES
 
 __all__ = ["RUNTIME_KEYS", "SearchSettings", "differences", "resolve_settings"]
 
@@ -31,7 +35,8 @@ class SearchSettings:
     data: str = "builtin"
     """text for calibration, distillation and validation (see `nas-minitron importance --help`)"""
     space: str | None = None
-    """search-space YAML file or name in nas_minitron/space/files/; default: smollm2-135m-cpu for the embedded teacher, else
+    """search-space YAML file or shipped name (nas_minitron/space/files/); default: smollm2-135m-cpu for the
+    embedded teacher, else
     derived from the teacher"""
     tolerance: float | None = None
     """relative distance to the budget a candidate may have (default: the space's)"""
@@ -113,7 +118,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes")
             return bool(value)
-        return expected(value)
+        return expected(value)  # type: ignore[misc]  # mypy reads a dataclass default's type as MISSING
     except (TypeError, ValueError):
         raise UserError(f"{source}: {name} must be a {expected.__name__}, but got {value!r}.") from None
 
@@ -122,8 +127,6 @@ def resolve_settings(yaml_path: Path | None, overrides: Mapping[str, Any]) -> Se
     """Defaults, then the YAML file, then the non-None command-line overrides."""
     values: dict[str, Any] = {}
     if yaml_path is not None:
-        import yaml
-
         try:
             loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
@@ -141,16 +144,14 @@ def resolve_settings(yaml_path: Path | None, overrides: Mapping[str, Any]) -> Se
 
 
 def _validate(s: SearchSettings) -> None:
-    from nas_minitron.search.winners import OBJECTIVES
-
     positive = ("trials", "short_tokens", "winners", "full_tokens", "seq_len", "batch_size", "calibration_samples",
                 "validation_sequences", "evals_per_trial", "cpus_per_trial", "max_concurrent", "loss_sequences")
     problems = [f"{k} must be >= 1, but got {getattr(s, k)!r}" for k in positive if getattr(s, k) < 1]
     unknown = [o for o in s.objectives if o not in OBJECTIVES]
     if unknown or not s.objectives:
         problems.append(f"objectives must be among {', '.join(OBJECTIVES)}, but got {list(s.objectives)!r}")
-    if s.sampler not in ("auto", "tpe", "nsga2", "random"):
-        problems.append(f"sampler must be auto, tpe, nsga2 or random, but got {s.sampler!r}")
+    if s.sampler not in SAMPLERS:
+        problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, but got {s.sampler!r}")
     if s.asha and len(s.objectives) > 1:
         problems.append(f"asha stops trials on one objective, but got {len(s.objectives)} objectives "
                         f"{list(s.objectives)!r}; drop --asha or give one objective")

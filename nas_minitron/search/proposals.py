@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from nas_minitron.arch import ArchConfig
+from nas_minitron.space.spaces import AXES
 
-__all__ = ["AXES", "decode", "encode", "param_name"]
+__all__ = ["DECISION_ORDER", "decode", "encode", "param_name"]
 
-# Order of decisions: depth first, then attention shape, then widths; intermediate last (finest-grained).
-AXES = ("num_hidden_layers", "num_key_value_heads", "num_attention_heads", "hidden_size", "intermediate_size")
+# The space's axes (space.spaces.AXES) in the order they are decided: depth first, then attention shape, then
+# widths; intermediate last (finest-grained).
+DECISION_ORDER = ("num_hidden_layers", "num_key_value_heads", "num_attention_heads", "hidden_size", "intermediate_size")
+assert sorted(DECISION_ORDER) == sorted(AXES), "every axis of the space is decided exactly once"
 
 
 def param_name(axis: str) -> str:
@@ -31,7 +34,7 @@ def decode(candidates: Sequence[ArchConfig], suggestions: Mapping[str, float]) -
     if not candidates:
         raise ValueError("no candidates to choose from")
     pool = list(candidates)
-    for axis in AXES:
+    for axis in DECISION_ORDER:
         values = _values(pool, axis)
         u = min(max(float(suggestions[param_name(axis)]), 0.0), 1.0)
         chosen = values[min(int(u * len(values)), len(values) - 1)]
@@ -46,7 +49,7 @@ def encode(candidates: Sequence[ArchConfig], arch: ArchConfig) -> dict[str, floa
         raise ValueError(f"{arch.name} is not among the candidates")
     pool = list(candidates)
     point: dict[str, float] = {}
-    for axis in AXES:
+    for axis in DECISION_ORDER:
         values = _values(pool, axis)
         index = values.index(getattr(arch, axis))
         point[param_name(axis)] = (index + 0.5) / len(values)

@@ -1,6 +1,6 @@
 """The Optuna side of the trials, at module level so Ray can pickle the searcher into its experiment checkpoints.
 
-Imports ray and optuna at the top: only `trials.py` imports this module, from inside its functions.
+Imports ray and optuna at the top: `tune.py` reaches it only through a lazy proxy, when a search starts.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from nas_minitron.arch import ArchConfig
-from nas_minitron.search.worker import FAILED_KEY, FINAL_KEY
-from nas_minitron.search.proposals import AXES, decode, param_name
+from nas_minitron.search.proposals import DECISION_ORDER, decode, param_name
+from nas_minitron.search.protocol import FAILED_KEY, FINAL_KEY
 
 __all__ = ["CandidateSpace", "StudySearch"]
 
@@ -26,7 +26,7 @@ class CandidateSpace:
         self.archs = list(archs)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        for axis in AXES:
+        for axis in DECISION_ORDER:
             trial.suggest_float(param_name(axis), 0.0, 1.0)
         return {"arch": decode(self.archs, trial.params).name}
 
@@ -38,18 +38,18 @@ class StudySearch(OptunaSearch):
     could win; here it is FAIL, as is a trial that reported `failed` (a non-finite loss) or a non-finite objective.
     """
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return config
 
-    def _finite(self, result: dict) -> bool:
+    def _finite(self, result: dict[str, Any]) -> bool:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [result.get(m) for m in metrics]
         return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         # Optuna refuses None (a NaN serialized by the trial) and non-finite values would skew its statistics.
         if result.get(FAILED_KEY) or trial_id in self._completed_trials or not self._finite(result):
             return
@@ -60,7 +60,7 @@ class StudySearch(OptunaSearch):
             # which may already hold this trial as finished; storage wins.
             self._completed_trials.add(trial_id)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if error or result is None or result.get(FAILED_KEY) or not self._finite(result):
             result, error = None, True
         elif not result.get(FINAL_KEY):  # stopped early by the scheduler (ASHA): PRUNED, as Optuna's pruners say

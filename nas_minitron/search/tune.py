@@ -1,6 +1,6 @@
 """Ray Tune trials with Optuna proposals: the only module that imports ray and optuna.
 
-Each Ray trial prunes one candidate and distills it briefly (`candidate_run.run_candidate`); Optuna, inside Ray
+Each Ray trial prunes one candidate and distills it briefly (`worker.run_candidate`); Optuna, inside Ray
 Tune through `OptunaSearch`, proposes candidates from a define-by-run space that only yields in-budget ones
 (`proposals.py`). The Optuna study lives in real storage (SQLite in the run directory by default), one Optuna trial
 per Ray trial.
@@ -9,43 +9,39 @@ per Ray trial.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
-from nas_minitron.search.worker import FAILED_KEY, FINAL_KEY
-from nas_minitron.errors import UserError
+from nas_minitron.errors import UserError, first_line
 from nas_minitron.search.proposals import encode
+from nas_minitron.search.protocol import FAILED_KEY, FINAL_KEY, SAMPLERS, TrialRecord, TrialSpec
+from nas_minitron.search.worker import run_candidate
 
-__all__ = ["RayOptions", "TrialSpec", "check_resources", "close_orphans", "connect_ray", "make_sampler", "optuna_numbers",
-           "run_trials", "study_storage_url", "tpe_startup_trials", "trial_rows"]
+if TYPE_CHECKING:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune import schedulers
+
+    from nas_minitron.search import searcher
+else:
+    optuna = lazy_import("optuna")
+    ray = lazy_import("ray")
+    tune = lazy_import("ray.tune")
+    schedulers = lazy_import("ray.tune.schedulers")
+    searcher = lazy_import("nas_minitron.search.searcher")  # subclasses OptunaSearch: importing it loads ray
+
+__all__ = ["RayOptions", "check_resources", "close_orphans", "connect_ray", "make_sampler", "optuna_numbers",
+           "run_trials", "study_storage_url", "tpe_startup_trials", "trial_records"]
 
 STUDY_NAME = "nas-minitron"
 EXPERIMENT_NAME = "trials"
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """Everything a trial needs, by path: shared by all trials, never recomputed in them."""
-
-    run_dir: str
-    teacher_dir: str
-    importance_dir: str
-    train_path: str
-    val_path: str
-    logit_cache_dir: str | None
-    candidates: tuple[str, ...]
-    head_dim: int
-    distill: dict[str, Any]
-    objectives: tuple[str, ...] = ("val_kl",)
-    depth_method: str = "auto"
-    rescale_norms: bool = True
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,7 +73,6 @@ def _worker_env() -> dict[str, str]:
 
 def _probe(address: str, timeout_s: float = 3.0) -> None:
     """Fail fast on an unreachable host:port (ray.init would retry for minutes)."""
-    import socket
 
     if address == "auto" or address.startswith("ray://") and ":" not in address[6:]:
         return
@@ -93,9 +88,7 @@ def _probe(address: str, timeout_s: float = 3.0) -> None:
 def connect_ray(options: RayOptions) -> str | None:
     """Start (or join) Ray; returns the dashboard URL when there is one. Local clusters bind to loopback only."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported: below
     if ray.is_initialized():
         return None
     kwargs: dict[str, Any] = dict(runtime_env={"env_vars": _worker_env()}, log_to_driver=False)
@@ -121,8 +114,6 @@ def connect_ray(options: RayOptions) -> str | None:
 
 def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial_bytes: int) -> None:
     """UserError before any work when one trial cannot fit the connected Ray cluster."""
-    import ray
-
     total = ray.cluster_resources()
     if cpus_per_trial > total.get("CPU", 0):
         raise UserError(f"--cpus-per-trial {cpus_per_trial} but the Ray cluster has {total.get('CPU', 0):g} CPUs.")
@@ -138,9 +129,6 @@ def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial
 
 def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     """One Ray trial: prune and briefly distill the candidate the config names; report as it goes."""
-    from ray import tune
-
-    from nas_minitron.search.worker import run_candidate
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -164,10 +152,11 @@ def tpe_startup_trials(num_trials: int) -> int:
     return min(10, max(4, num_trials // 4))
 
 
-def make_sampler(name: str, num_objectives: int, seed: int, num_trials: int = 40):  # type: ignore[no-untyped-def]
-    """The Optuna sampler a search uses: `auto` is TPE (multivariate) for one objective, NSGA-II for several."""
-    import optuna
-
+def make_sampler(name: str, num_objectives: int, seed: int, num_trials: int = 40) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler a search uses (one of `SAMPLERS`): `auto` is TPE (multivariate) for one objective,
+    NSGA-II for several."""
+    if name not in SAMPLERS:
+        raise UserError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}.")
     name = name if name != "auto" else ("nsga2" if num_objectives > 1 else "tpe")
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True,
@@ -175,23 +164,17 @@ def make_sampler(name: str, num_objectives: int, seed: int, num_trials: int = 40
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
-    if name not in samplers:
-        raise UserError(f"sampler {name!r} is not one of {', '.join(samplers)}.")
     return samplers[name]()
 
 
-def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str], num_trials: int):  # type: ignore[no-untyped-def]
-    import optuna
-
-    from nas_minitron.search.searcher import CandidateSpace, StudySearch
-
+def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str], num_trials: int) -> searcher.StudySearch:
     archs = [ArchConfig.parse(name, spec.head_dim) for name in spec.candidates]
     objectives = list(spec.objectives)
     multi = len(objectives) > 1
     storage = optuna.storages.RDBStorage(study_storage_url(spec.run_dir, options.storage_url))
     points = [encode(archs, ArchConfig.parse(name, spec.head_dim)) for name in enqueue]
-    return StudySearch(
-        space=CandidateSpace(archs),
+    return searcher.StudySearch(
+        space=searcher.CandidateSpace(archs),
         metric=objectives if multi else objectives[0],
         mode=["min"] * len(objectives) if multi else "min",
         sampler=make_sampler(options.sampler, len(objectives), options.seed, num_trials),
@@ -202,11 +185,10 @@ def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str], num_tr
     )
 
 
-def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: Sequence[str], resume: bool) -> Any:
+def run_trials(
+    spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: Sequence[str], resume: bool
+) -> tune.ResultGrid:
     """Run (or resume) the trials and return Ray's ResultGrid."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     storage_path = str(Path(spec.run_dir).resolve() / "ray")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, spec=spec), {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
@@ -216,13 +198,13 @@ def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: S
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         results = tuner.fit()
         close_orphans(study_storage_url(spec.run_dir, options.storage_url),
-                      [r.metrics.get("trial_id", "") for r in results if r.metrics])
+                      [r.metrics.get("trial_id", "") for r in _results(results) if r.metrics])
         return results
     scheduler = None
     if options.asha and len(spec.objectives) == 1:
-        scheduler = ASHAScheduler(metric=spec.objectives[0], mode="min", time_attr="num_tokens",
-                                  max_t=int(spec.distill["num_tokens"]),
-                                  grace_period=max(1, int(spec.distill["num_tokens"]) // 4), reduction_factor=2)
+        scheduler = schedulers.ASHAScheduler(metric=spec.objectives[0], mode="min", time_attr="num_tokens",
+                                             max_t=spec.distill.num_tokens,
+                                             grace_period=max(1, spec.distill.num_tokens // 4), reduction_factor=2)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -244,10 +226,14 @@ def run_trials(spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: S
     return tuner.fit()
 
 
-def trial_rows(results: Any) -> list[dict[str, Any]]:
-    """One row per Ray trial (status, metrics at the end and at step 0) and the per-report curves."""
-    rows = []
-    for result in results:
+def _results(grid: tune.ResultGrid) -> list[tune.Result]:
+    return [grid[i] for i in range(len(grid))]
+
+
+def trial_records(grid: tune.ResultGrid) -> list[TrialRecord]:
+    """One record per Ray trial (status, metrics at the end and at step 0) with its per-report curve."""
+    records = []
+    for result in _results(grid):
         frame = result.metrics_dataframe
         last = result.metrics or {}
         config = result.config or {}
@@ -256,18 +242,16 @@ def trial_rows(results: Any) -> list[dict[str, Any]]:
         if status == "COMPLETE" and not last.get(FINAL_KEY):
             status = "PRUNED"  # stopped early by the scheduler
         first = frame.iloc[0].to_dict() if frame is not None and len(frame) else {}
-        rows.append(
-            {
-                "trial_id": last.get("trial_id") or Path(result.path).name,
-                "name": config.get("arch"),
-                "status": status,
-                "error": (str(result.error).splitlines()[0][:300] if result.error else last.get("error", "")),
-                "metrics": last,
-                "first": first,
-                "curve": frame.to_dict("records") if frame is not None else [],
-            }
-        )
-    return rows
+        records.append(TrialRecord(
+            trial_id=last.get("trial_id") or Path(result.path).name,
+            name=config.get("arch"),
+            status=status,
+            error=first_line(result.error, limit=300) if result.error else last.get("error", ""),
+            metrics=last,
+            first=first,
+            curve=tuple(frame.to_dict("records")) if frame is not None else (),
+        ))
+    return records
 
 
 def close_orphans(storage_url: str, ray_trial_ids: Sequence[str]) -> int:
@@ -276,8 +260,6 @@ def close_orphans(storage_url: str, ray_trial_ids: Sequence[str]) -> int:
     Ray restores a searcher pickled a little before the crash, so a trial asked after that pickle is asked again
     under a new id; the old one would stay RUNNING in storage forever. Returns how many were closed.
     """
-    import optuna
-
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -290,8 +272,6 @@ def close_orphans(storage_url: str, ray_trial_ids: Sequence[str]) -> int:
 
 def optuna_numbers(storage_url: str) -> dict[str, int]:
     """Ray trial id -> Optuna trial number, from the study in storage."""
-    import optuna
-
     try:
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
     except KeyError:

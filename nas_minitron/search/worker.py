@@ -1,6 +1,6 @@
 """One search trial without Ray in it: prune a candidate from the teacher and distill it briefly.
 
-`trials.py` wraps `run_candidate` in a Ray Tune trainable and passes `report`, which sends metrics (and a
+`tune.py` wraps `run_candidate` in a Ray Tune trainable and passes `report`, which sends metrics (and a
 checkpoint directory) to Tune. Everything heavy is read from the run directory by path: the teacher weights, the
 importance scores, the token tensors and the teacher-logit cache, so trials share them and hold no teacher.
 
@@ -17,49 +17,37 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
+from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import write_json_atomic
+from nas_minitron.data import load_sequences
+from nas_minitron.distill.config import EvalPoint, NonFiniteLossError
+from nas_minitron.distill.logit_cache import LogitCache
+from nas_minitron.distill.trainer import distill
+from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.prune.student import build_student
+from nas_minitron.search.protocol import FAILED_KEY, FINAL_KEY, Report, TrialSpec, trial_result_path
 
 if TYPE_CHECKING:
-    from nas_minitron.search.tune import TrialSpec
+    import torch
+    import transformers
+    from transformers import PreTrainedModel
+else:
+    torch = lazy_import("torch")
+    transformers = lazy_import("transformers")
 
-__all__ = ["Report", "load_sequences", "run_candidate", "trial_result_path"]
-
-Report = Callable[[dict[str, Any], "Path | None"], None]
-FAILED_KEY = "failed"
-FINAL_KEY = "final"  # set on a trial's last report only; a trial stopped early never sends it
-
-
-def trial_result_path(run_dir: str | os.PathLike[str], arch_name: str) -> Path:
-    """Where a finished candidate's final metrics are kept, so a re-proposal is not retrained."""
-    return Path(run_dir) / "trial_results" / f"{arch_name}.json"
+__all__ = ["run_candidate"]
 
 
-def load_sequences(path: str | os.PathLike[str]) -> Any:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["tokens"]
-
-
-def _student(arch_name: str, spec: TrialSpec) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    from nas_minitron.arch import ArchConfig
-    from nas_minitron.prune.keep import keep_from_scores
-    from nas_minitron.prune.surgery import materialize, teacher_arch
-    from nas_minitron.prune.scores import ImportanceScores
-
-    teacher = AutoModelForCausalLM.from_pretrained(spec.teacher_dir)
-    _, t_arch = teacher_arch(teacher)
+def _student(arch_name: str, spec: TrialSpec) -> PreTrainedModel:
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(spec.teacher_dir)
     arch = ArchConfig.parse(arch_name, spec.head_dim)
-    keep = keep_from_scores(ImportanceScores.load(spec.importance_dir), t_arch, arch, spec.depth_method)
-    student = materialize(teacher, arch, keep, rescale_norms=spec.rescale_norms)
+    student, _ = build_student(teacher, spec.teacher_dir, arch, ImportanceScores.load(spec.importance_dir),
+                               depth_method=spec.depth_method, rescale_norms=spec.rescale_norms)
     if os.environ.get("NAS_MINITRON_FAULT_NAN") == arch_name:
-        import torch
-
         with torch.no_grad():
             student.model.norm.weight.fill_(float("nan"))
     return student
@@ -81,12 +69,6 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
 
     The report at the last step carries `final` (and is the last report); a trial stopped early never sends it.
     """
-    import torch
-
-    from nas_minitron.distill.trainer import distill
-    from nas_minitron.distill.config import DistillConfig, EvalPoint, NonFiniteLossError
-    from nas_minitron.distill.logit_cache import LogitCache
-
     torch.set_num_threads(max(1, spec.cpus_per_trial))
     done = trial_result_path(spec.run_dir, arch_name)
     if done.is_file():  # finished before (a re-proposal, or a trial restored after a driver crash): never rerun
@@ -95,7 +77,7 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
         return
     student = _student(arch_name, spec)
     params = sum(p.numel() for p in student.parameters())
-    config = DistillConfig.from_dict(spec.distill)
+    config = spec.distill
     base = {"arch": arch_name, "params": params, FAILED_KEY: False, FINAL_KEY: False}
     work = Path(tempfile.mkdtemp(prefix="nasm-trial-"))
     curve: list[dict[str, Any]] = []
@@ -139,7 +121,7 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
             on_checkpoint=on_checkpoint,
         )
     except NonFiniteLossError as err:
-        # Ends the trial normally so Ray does not retry it; trials.py tells Optuna FAIL for `failed`.
+        # Ends the trial normally so Ray does not retry it; searcher.py tells Optuna FAIL for `failed`.
         report({**base, FAILED_KEY: True, "error": str(err), "val_kl": float("inf"), "val_loss": float("inf")}, None)
     finally:
         shutil.rmtree(work, ignore_errors=True)

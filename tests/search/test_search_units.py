@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from nas_minitron.arch import ArchConfig
+from nas_minitron.distill.config import DistillConfig
 from nas_minitron.errors import UserError
-from nas_minitron.search.proposals import AXES, decode, encode, param_name
 from nas_minitron.pipeline.settings import SearchSettings, differences, resolve_settings
+from nas_minitron.search.proposals import DECISION_ORDER, decode, encode, param_name
 from nas_minitron.search.winners import pareto_front, select_winners
 
 ARCHS = [ArchConfig(layers, hidden, inter, heads, kv, 16)
@@ -22,7 +23,7 @@ ARCHS = [ArchConfig(layers, hidden, inter, heads, kv, 16)
 def test_decode_always_yields_a_candidate_and_encode_inverts_it() -> None:
     rng = random.Random(0)
     for _ in range(200):
-        point = {param_name(axis): rng.random() for axis in AXES}
+        point = {param_name(axis): rng.random() for axis in DECISION_ORDER}
         assert decode(ARCHS, point) in ARCHS
     for arch in ARCHS:
         assert decode(ARCHS, encode(ARCHS, arch)) == arch
@@ -30,10 +31,10 @@ def test_decode_always_yields_a_candidate_and_encode_inverts_it() -> None:
 
 def test_decode_reaches_every_candidate_and_is_monotone_in_layers() -> None:
     rng = random.Random(1)
-    seen = {decode(ARCHS, {param_name(a): rng.random() for a in AXES}) for _ in range(2000)}
+    seen = {decode(ARCHS, {param_name(a): rng.random() for a in DECISION_ORDER}) for _ in range(2000)}
     assert seen == set(ARCHS)
-    low = decode(ARCHS, {param_name(a): 0.1 for a in AXES})
-    high = decode(ARCHS, {**{param_name(a): 0.1 for a in AXES}, param_name("num_hidden_layers"): 0.9})
+    low = decode(ARCHS, {param_name(a): 0.1 for a in DECISION_ORDER})
+    high = decode(ARCHS, {**{param_name(a): 0.1 for a in DECISION_ORDER}, param_name("num_hidden_layers"): 0.9})
     assert low.num_hidden_layers < high.num_hidden_layers
 
 
@@ -69,11 +70,13 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
 
 def _propose(seed: int, num_trials: int, tmp_path: Path) -> list[str]:
     """Drive the real StudySearch (Optuna in SQLite) one trial at a time, as Ray would with one trial at once."""
-    from nas_minitron.search.tune import RayOptions, TrialSpec, _search
+    from nas_minitron.search.protocol import TrialSpec
+    from nas_minitron.search.tune import RayOptions, _search
 
     tmp_path.mkdir()
     spec = TrialSpec(run_dir=str(tmp_path), teacher_dir="", importance_dir="", train_path="", val_path="",
-                     logit_cache_dir=None, candidates=tuple(a.name for a in ARCHS), head_dim=16, distill={})
+                     logit_cache_dir=None, candidates=tuple(a.name for a in ARCHS), head_dim=16,
+                     distill=DistillConfig(num_tokens=64))
     search = _search(spec, RayOptions(seed=seed), enqueue=[ARCHS[3].name], num_trials=num_trials)
     search.set_search_properties(None, None, {})
     names = []
@@ -96,10 +99,12 @@ def test_same_seed_proposes_same_candidates(tmp_path: Path) -> None:
 def test_failed_and_errored_trials_are_fail_in_optuna(tmp_path: Path) -> None:
     import optuna
 
-    from nas_minitron.search.tune import RayOptions, TrialSpec, _search, optuna_numbers, study_storage_url
+    from nas_minitron.search.protocol import TrialSpec
+    from nas_minitron.search.tune import RayOptions, _search, optuna_numbers, study_storage_url
 
     spec = TrialSpec(run_dir=str(tmp_path), teacher_dir="", importance_dir="", train_path="", val_path="",
-                     logit_cache_dir=None, candidates=tuple(a.name for a in ARCHS), head_dim=16, distill={})
+                     logit_cache_dir=None, candidates=tuple(a.name for a in ARCHS), head_dim=16,
+                     distill=DistillConfig(num_tokens=64))
     search = _search(spec, RayOptions(), enqueue=[], num_trials=3)
     search.set_search_properties(None, None, {})
     for trial_id in ("ok", "nan", "crash", "stopped"):
@@ -120,10 +125,10 @@ def test_failed_and_errored_trials_are_fail_in_optuna(tmp_path: Path) -> None:
 def test_distillations_validate_at_most_evals_per_trial_times(num_steps: int, evals: int, expected: list[int]) -> None:
     """The trainer's real schedule for the interval the search computes: step 0, then <= evals points, last included."""
     import torch
-    from tiny_models import tiny_model
 
     from nas_minitron.distill.trainer import DistillConfig, distill
     from nas_minitron.pipeline.stages import validate_at_most
+    from tiny_models import tiny_model
 
     seq_len, batch = 8, 2
     config = validate_at_most(DistillConfig(num_tokens=num_steps * seq_len * batch, seq_len=seq_len, batch_size=batch,

@@ -1,0 +1,146 @@
+"""The run directory of `nas-minitron search`: its one owner.
+
+Everything that names a file of a run lives here: the stage order (`STAGES`), the stage markers, the CSV tables and
+their columns, the data files, and the resolved-run record (`config.json`). Writers (pipeline/stages.py) and readers
+(report/, benchmarks/, tests) use these names instead of spelling paths themselves. The layout is described in
+README.md ("Run directory").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas_minitron.arch import ArchConfig
+from nas_minitron.atomic import write_json_atomic
+from nas_minitron.data import load_sequences
+from nas_minitron.pipeline.settings import SearchSettings
+from nas_minitron.runtime import resolve_device
+from nas_minitron.teacher import load_teacher
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["CURVE_COLUMNS", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run", "now", "read_csv",
+           "write_csv"]
+
+# Run order. Candidates come first although the papers start from importance: they need only the config, so an
+# unreachable budget fails in a second instead of after the importance pass, and they tell importance which
+# contiguous-block sizes (layers dropped) to measure.
+STAGES = ("candidates", "importance", "logit_cache", "trials", "winners", "distill", "eval", "report")
+
+TRIAL_COLUMNS = ("trial_id", "number", "name", "num_hidden_layers", "hidden_size", "intermediate_size",
+                 "num_attention_heads", "num_key_value_heads", "params", "status", "wall_s", "num_tokens",
+                 "val_loss", "val_kl", "val_loss_step0", "val_kl_step0", "kv_bytes_per_token", "flops_per_token",
+                 "error")
+CURVE_COLUMNS = ("trial_id", "name", "step", "num_tokens", "val_loss", "val_kl")
+WINNER_COLUMNS = ("rank", "name", "params", "val_loss", "val_kl", "path")
+
+Log = Callable[[str], None]
+
+
+def now() -> str:
+    """UTC time as the run directory records it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Write `rows` (extra keys ignored) atomically: a reader never sees half a table."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run resolved from its settings and the teacher's config; `config.json` holds settings + these."""
+
+    budget_params: int
+    teacher_params: int
+    teacher_arch: str
+    head_dim: int
+    model_type: str
+    vocab_size: int
+
+    def teacher(self) -> ArchConfig:
+        """The teacher's architecture as a record (layers, widths, heads)."""
+        return ArchConfig.parse(self.teacher_arch, self.head_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_params": self.budget_params, "teacher_params": self.teacher_params,
+                "teacher_arch": self.teacher_arch, "head_dim": self.head_dim, "model_type": self.model_type,
+                "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Resolved:
+        return cls(budget_params=int(config["budget_params"]), teacher_params=int(config["teacher_params"]),
+                   teacher_arch=str(config["teacher_arch"]), head_dim=int(config["head_dim"]),
+                   model_type=str(config["model_type"]), vocab_size=int(config["vocab_size"]))
+
+
+class Run:
+    """The live state of one run: settings, run directory, what was resolved, and the driver's teacher."""
+
+    def __init__(self, settings: SearchSettings, run_dir: Path, resume: bool, log: Log) -> None:
+        self.settings, self.dir, self.resume, self.log = settings, run_dir, resume, log
+        self._teacher: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None
+        self._resolved: Resolved | None = None
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    # ---- stage markers ------------------------------------------------------------------------------------------
+    def done(self, stage: str) -> bool:
+        return self.path("stages", f"{stage}.json").is_file()
+
+    def mark(self, stage: str, wall_s: float, **extra: Any) -> None:
+        write_json_atomic(self.path("stages", f"{stage}.json"),
+                          {"stage": stage, "wall_s": round(wall_s, 3), "finished_at": now(), **extra})
+
+    def stage_info(self, stage: str) -> dict[str, Any]:
+        info: dict[str, Any] = json.loads(self.path("stages", f"{stage}.json").read_text())
+        return info
+
+    # ---- records --------------------------------------------------------------------------------------------------
+    @property
+    def resolved(self) -> Resolved:
+        if self._resolved is None:
+            self._resolved = Resolved.from_config(json.loads(self.path("config.json").read_text()))
+        return self._resolved
+
+    def candidate_rows(self) -> list[dict[str, str]]:
+        return read_csv(self.path("candidates.csv"))
+
+    def winner_rows(self) -> list[dict[str, str]]:
+        return read_csv(self.path("winners.csv"))
+
+    def data_path(self, split: str) -> Path:
+        """Token ids of a split: `train`, `train_short` (what the logit cache covers) or `validation`."""
+        return self.path("data", f"{split}.safetensors")
+
+    def sequences(self, split: str) -> torch.Tensor:
+        return load_sequences(self.data_path(split))
+
+    # ---- the driver's device and teacher ----------------------------------------------------------------------
+    def device(self) -> str:
+        return resolve_device(self.settings.device)
+
+    def teacher(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The teacher and tokenizer, loaded once per driver process."""
+        if self._teacher is None:
+            self._teacher = load_teacher(self.settings.teacher, self.settings.cache_dir, device=self.device())
+        return self._teacher
