@@ -30,7 +30,7 @@ __all__ = [
     "add_training_args",
     "config_from_args",
     "device_and_dtype",
-    "load_sequences",
+    "tokenize_streams",
     "progress",
 ]
 
@@ -100,7 +100,9 @@ def config_from_args(args: argparse.Namespace, dtype: str, **fields: Any) -> Dis
     )
 
 
-def load_sequences(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_streams(
+    args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training sequences [N, T] covering --tokens once (fewer if the split is smaller: they repeat) and
     validation sequences [V, T] from the held-out split."""
     needed = -(-args.tokens // args.seq_len)

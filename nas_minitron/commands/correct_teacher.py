@@ -17,8 +17,8 @@ from nas_minitron.commands.args import (
     add_training_args,
     config_from_args,
     device_and_dtype,
-    load_sequences,
     progress,
+    tokenize_streams,
 )
 from nas_minitron.distill.result import distill_record
 from nas_minitron.distill.trainer import NonFiniteLossError, distill
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, dtype, kd_weight=0.0, lm_weight=1.0)
     teacher, tokenizer = load_teacher(args.teacher, args.cache_dir, device=device,
                                       trust_remote_code=args.trust_remote_code)
-    train, val = load_sequences(args, tokenizer)
+    train, val = tokenize_streams(args, tokenizer)
     ckpt = args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt")
     on_step, close = progress(config.num_tokens, "correct-teacher")
     try:

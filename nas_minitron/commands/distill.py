@@ -16,8 +16,8 @@ from nas_minitron.commands.args import (
     add_training_args,
     config_from_args,
     device_and_dtype,
-    load_sequences,
     progress,
+    tokenize_streams,
 )
 from nas_minitron.distill.logit_cache import MANIFEST, LogitCache, build_logit_cache
 from nas_minitron.distill.result import save_distilled
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, dtype, topk=topk, temperature=args.temperature, lm_weight=args.lm_weight,
                               is_loss=args.is_loss, is_alpha=args.is_alpha)
     student, tokenizer = _load_student(args.student, device, args.trust_remote_code)
-    train, val = load_sequences(args, tokenizer)
+    train, val = tokenize_streams(args, tokenizer)
     teacher, cache = _teacher_and_cache(args, student, tokenizer, train, val, device, topk)
     ckpt = args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt")
     on_step, close = progress(config.num_tokens, "distill")
