@@ -7,10 +7,11 @@ import ast
 import dataclasses
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from nas_minitron.pipeline.runner import run_search
-from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
+from nas_minitron.pipeline.settings import NONE_WORDS, SearchSettings, optional_setting, resolve_settings
 
 __all__ = ["register"]
 
@@ -51,6 +52,16 @@ _FLAGS: dict[str, tuple[str, type]] = {
 }
 
 
+def _or_none(kind: type) -> Callable[[str], object]:
+    """argparse type of an optional setting: `none`/`null` pass through (settings turn them into None)."""
+
+    def parse(text: str) -> object:
+        return text if text.strip().lower() in NONE_WORDS else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
 def _field_docs() -> dict[str, str]:
     """The docstring under each SearchSettings field (read from the source, as litgpt does for its CLI)."""
     docs: dict[str, str] = {}
@@ -79,7 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default = getattr(defaults, field)
         shown = ",".join(default) if isinstance(default, tuple) else default
         suffix = "" if default is None else f" (default: {shown})"  # a None default is described in the docstring
-        parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{docs.get(field, '')}{suffix}")
+        optional = optional_setting(field)
+        parser.add_argument(flag, dest=field, type=_or_none(kind) if optional else kind, default=None,
+                            help=f"{docs.get(field, '')}{suffix}")
     parser.add_argument("--asha", dest="asha", action="store_const", const=True, default=None,
                         help=docs.get("asha", ""))
     parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")

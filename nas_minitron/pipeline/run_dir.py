@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["CURVE_COLUMNS", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run", "now", "read_csv",
-           "write_csv"]
+__all__ = ["CURVE_COLUMNS", "LOCK_FILE", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run", "now",
+           "read_csv", "write_csv"]
 
 # Run order. Candidates come first although the papers start from importance: they need only the config, so an
 # unreachable budget fails in a second instead of after the importance pass, and they tell importance which
@@ -41,6 +41,7 @@ TRIAL_COLUMNS = ("trial_id", "number", "name", "num_hidden_layers", "hidden_size
                  "error")
 CURVE_COLUMNS = ("trial_id", "name", "step", "num_tokens", "val_loss", "val_kl")
 WINNER_COLUMNS = ("rank", "name", "params", "val_loss", "val_kl", "path")
+LOCK_FILE = ".lock"  # held (fcntl) by the driver that runs the search in this directory
 
 Log = Callable[[str], None]
 

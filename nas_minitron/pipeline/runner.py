@@ -15,9 +15,10 @@ from typing import IO, Any
 from nas_minitron.arch import Budget, count_params
 from nas_minitron.atomic import write_json_atomic
 from nas_minitron.errors import UserError
+from nas_minitron.evaluate.harness import find_tasks, resolve_tasks
 from nas_minitron.families import describe
 from nas_minitron.pipeline import stages
-from nas_minitron.pipeline.run_dir import STAGES, Log, Run, now
+from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, now
 from nas_minitron.pipeline.settings import SearchSettings, differences
 from nas_minitron.teacher import load_teacher_config
 
@@ -37,33 +38,67 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
 assert tuple(STAGE_FUNCTIONS) == STAGES, "every stage has one function, in run order"
 
 
-def _prepare(settings: SearchSettings, run_dir: Path, resume: bool) -> dict[str, Any]:
-    """Check a new or resumed run directory and return the resolved config (written by `_create`)."""
+def _finished_stages(run_dir: Path) -> list[str]:
+    return [stage for stage in STAGES if (run_dir / "stages" / f"{stage}.json").is_file()]
+
+
+def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> bool:
+    """Whether the run directory is to be (re)created; UserError when it cannot be used as asked.
+
+    A directory whose run finished no stage (it failed in pre-flight or in its first stage) may be started over by
+    the corrected command, with or without --resume; one with finished stages only by --resume with the same
+    settings (runtime keys, and eval settings before the eval stage, may change).
+    """
+    parent = run_dir.resolve().parent
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {str(run_dir)!r} is a file, not a directory; choose another --run-dir.")
+    ancestor = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if ancestor is None or not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir {str(run_dir)!r} cannot be created: {str(ancestor)!r} is not a writable "
+                        f"directory; choose another --run-dir.")
     config_file = run_dir / "config.json"
-    if resume:
-        if not config_file.is_file():
+    finished = _finished_stages(run_dir) if run_dir.is_dir() else []
+    if not finished:
+        if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not config_file.is_file():
+            raise UserError(f"run directory {str(run_dir)!r} already exists and holds no search; choose another "
+                            f"--run-dir.")
+        if resume and not config_file.is_file():
             raise UserError(f"--resume: {str(run_dir)!r} holds no config.json of an earlier search.")
-        changed = differences(json.loads(config_file.read_text()), settings)
-        if changed:
-            raise UserError(f"--resume: {str(run_dir)!r} was made with different settings: " + "; ".join(changed))
-    elif run_dir.exists() and any(run_dir.iterdir()):
+        return True  # new, or a run that finished nothing: (re)created with these settings
+    if not resume:
         raise UserError(f"run directory {str(run_dir)!r} already exists; pass --resume to continue it or choose "
                         f"another --run-dir.")
+    changed = differences(json.loads(config_file.read_text()), settings, finished)
+    if changed:
+        raise UserError(f"--resume: {str(run_dir)!r} was made with different settings: " + "; ".join(changed))
+    return False
+
+
+def _resolve(settings: SearchSettings) -> dict[str, Any]:
+    """The settings plus what they resolve to for this teacher (config.json); pre-flight checks that need it."""
     budget = Budget.parse(settings.budget)
     teacher_config = load_teacher_config(settings.teacher, settings.cache_dir)
     family, arch = describe(teacher_config)
     teacher_params = count_params(arch, family.invariants_from_config(teacher_config))
-    resolved = {**settings.to_dict(), "budget_params": budget.resolve(teacher_params),
-                "teacher_params": teacher_params, "teacher_arch": arch.name, "head_dim": arch.head_dim,
-                "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"])}
-    if not resume:
-        stages.find_candidates(settings, resolved["budget_params"])  # an unreachable budget fails before any output
-    return resolved
+    max_positions = teacher_config.get("max_position_embeddings")
+    if isinstance(max_positions, int) and settings.seq_len > max_positions:
+        raise UserError(f"--seq-len {settings.seq_len} exceeds the teacher's max_position_embeddings "
+                        f"({max_positions}); valid: 1..{max_positions}.")
+    return {**settings.to_dict(), "budget_params": budget.resolve(teacher_params),
+            "teacher_params": teacher_params, "teacher_arch": arch.name, "head_dim": arch.head_dim,
+            "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"])}
+
+
+def _preflight(settings: SearchSettings, resolved: dict[str, Any], new: bool) -> None:
+    """Everything a later stage would refuse, refused now: before the run directory or any work."""
+    if new:
+        stages.find_candidates(settings, resolved["budget_params"])  # an unreachable budget fails in a second
+    find_tasks(list(resolve_tasks(settings.eval_tasks)))  # a typo in --eval-tasks, not after hours of training
 
 
 def _lock(run_dir: Path) -> IO[str]:
     """Hold an exclusive lock on the run directory: two searches writing one directory would corrupt it."""
-    handle = (run_dir / ".lock").open("a+")
+    handle = (run_dir / LOCK_FILE).open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -86,20 +121,35 @@ def _create(settings: SearchSettings, run_dir: Path, resolved: dict[str, Any]) -
 
 
 def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log = print) -> Path:
-    """Run (or resume) every stage; returns the report's path."""
-    resolved = _prepare(settings, run_dir, resume)
-    log(f"run directory {run_dir} ({'resumed' if resume else 'new'}): teacher {resolved['teacher_arch']}, "
+    """Run (or resume) every stage; returns the report's path.
+
+    Order: read-only checks (run directory, settings against the teacher, candidates, eval tasks), the Ray cluster,
+    then the lock, and only then anything written: a refused run leaves nothing behind, and of two drivers started
+    on one new directory the second is refused before it writes.
+    """
+    new = _check_run_dir(run_dir, resume, settings)
+    resolved = _resolve(settings)
+    _preflight(settings, resolved, new)
+    log(f"run directory {run_dir} ({'resumed' if not new else 'new'}): teacher {resolved['teacher_arch']}, "
         f"budget {settings.budget} = {resolved['budget_params']:,} parameters")
     if not (run_dir / "stages" / "trials.json").is_file():
         stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
-    if not resume:
-        _create(settings, run_dir, resolved)
-    lock = _lock(run_dir)
-    run = Run(settings, run_dir, resume, log)
     try:
-        _run_stages(run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(run_dir)
+        try:
+            # checked again under the lock: another driver may have finished a stage since
+            if _check_run_dir(run_dir, resume, settings) != new:
+                raise UserError(f"run directory {str(run_dir)!r} changed while this search started; rerun it.")
+            if new:
+                _create(settings, run_dir, resolved)
+            else:
+                write_json_atomic(run_dir / "config.json", resolved)  # late settings (eval) may have changed
+            run = Run(settings, run_dir, resume, log)
+            _run_stages(run)
+        finally:
+            lock.close()
     finally:
-        lock.close()
         stages.stop_ray()
     return Path(run.stage_info("report")["path"])
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from nas_minitron.errors import UserError
 from nas_minitron.search.protocol import SAMPLERS
 from nas_minitron.search.winners import OBJECTIVES
 
-__all__ = ["RUNTIME_KEYS", "SearchSettings", "differences", "resolve_settings"]
+__all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "differences", "optional_setting",
+           "resolve_settings"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class SearchSettings:
     eval_tasks: str = "pydoc_next_sentence"
     """lm-eval tasks for the winners and the teacher (comma-separated, or 'minitron' when online)"""
     eval_limit: int | None = 40
-    """items per eval task (None: all)"""
+    """items per eval task (none: all items)"""
     sampler: str = "auto"
     """auto (TPE, NSGA-II for several objectives), tpe, nsga2, random"""
     asha: bool = False
@@ -102,13 +104,23 @@ class SearchSettings:
 # Keys that may change on --resume: they decide where and how fast the run goes, not what it computes.
 RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "gpus_per_trial", "storage",
                           "cache_dir", "device"})
+# Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
+LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
+NONE_WORDS = ("none", "null")  # `--eval-limit none` (YAML's null) unsets an optional setting
+
+
+def optional_setting(name: str) -> bool:
+    """Whether the setting admits None (its annotation says `| None`)."""
+    return "None" in str(_FIELDS[name].type)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     if name == "objectives":
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(str(v).strip() for v in items if str(v).strip())
+    if isinstance(value, str) and value.strip().lower() in NONE_WORDS and optional_setting(name):
+        return None
     default = _FIELDS[name].default
     expected = type(default) if default is not None else None
     if value is None or expected is None:
@@ -144,9 +156,23 @@ def resolve_settings(yaml_path: Path | None, overrides: Mapping[str, Any]) -> Se
 
 
 def _validate(s: SearchSettings) -> None:
+    """Every numeric and named setting in one place, with its valid range; all problems reported at once."""
     positive = ("trials", "short_tokens", "winners", "full_tokens", "seq_len", "batch_size", "calibration_samples",
                 "validation_sequences", "evals_per_trial", "cpus_per_trial", "max_concurrent", "loss_sequences")
     problems = [f"{k} must be >= 1, but got {getattr(s, k)!r}" for k in positive if getattr(s, k) < 1]
+    for key in ("max_candidates", "eval_limit"):
+        value = getattr(s, key)
+        if value is not None and value < 1:
+            problems.append(f"{key} must be >= 1 or none, but got {value!r}")
+    if not (math.isfinite(s.gpus_per_trial) and s.gpus_per_trial >= 0):
+        problems.append(f"gpus_per_trial must be a number >= 0 (a fraction shares a GPU), but got {s.gpus_per_trial!r}")
+    if not (math.isfinite(s.lr) and 0 < s.lr <= 1):
+        problems.append(f"lr must be in (0, 1], but got {s.lr!r}")
+    if s.tolerance is not None and not (math.isfinite(s.tolerance) and 0 < s.tolerance < 1):
+        problems.append(f"tolerance must be in (0, 1) (a fraction of the budget), but got {s.tolerance!r}")
+    for key in ("topk", "seed"):
+        if getattr(s, key) < 0:
+            problems.append(f"{key} must be >= 0, but got {getattr(s, key)!r}")
     unknown = [o for o in s.objectives if o not in OBJECTIVES]
     if unknown or not s.objectives:
         problems.append(f"objectives must be among {', '.join(OBJECTIVES)}, but got {list(s.objectives)!r}")
@@ -163,8 +189,10 @@ def _validate(s: SearchSettings) -> None:
         raise UserError("; ".join(problems) + ".")
 
 
-def differences(saved: Mapping[str, Any], current: SearchSettings) -> list[str]:
-    """Settings (other than runtime keys) whose value differs from a saved config.json (derived keys ignored)."""
+def differences(saved: Mapping[str, Any], current: SearchSettings, finished: Collection[str] = ()) -> list[str]:
+    """Settings whose value differs from a saved config.json and that a resume may not change: not runtime keys,
+    not derived keys, and not a `LATE_KEYS` setting whose stage is not in `finished` yet."""
     now = json.loads(json.dumps(current.to_dict()))
-    keys = sorted(set(now) - RUNTIME_KEYS)
+    late = {key for key, stage in LATE_KEYS.items() if stage not in finished}
+    keys = sorted(set(now) - RUNTIME_KEYS - late)
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]

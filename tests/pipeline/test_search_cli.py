@@ -153,6 +153,8 @@ def test_resume_with_other_settings_names_them(tiny_teacher_dir: Path, tmp_path:
     run_dir.mkdir()
     saved = {"teacher": str(tiny_teacher_dir), "trials": 5, "seed": 1}
     (run_dir / "config.json").write_text(json.dumps(saved))
+    (run_dir / "stages").mkdir()  # it finished a stage (a run that finished none may be started over)
+    (run_dir / "stages" / "candidates.json").write_text("{}")
     result = search(tiny_teacher_dir, run_dir, "--resume")
     assert result.returncode == 2
     assert "trials: 5 -> 3" in result.stderr and "seed: 1 -> 0" in result.stderr
