@@ -8,6 +8,9 @@
   hf:NAME[:CONFIG[:SPLIT[:COLUMN]]]  a `datasets` hub dataset, streamed (needs network or the local HF cache);
                                   SPLIT defaults to "train", COLUMN to `text_column`; "-" leaves a field at its default
 
+Local files must be UTF-8 (the builtin sources are read leniently). A file that is not, a JSON line that does not
+parse or a corrupt parquet file is refused with one line naming the file (and the byte offset of bad UTF-8).
+
 Documents: a `.txt` file is cut at blank lines into documents of whole paragraphs of at least 4 KiB of text (so one
 big text file still spreads over every split); each `.jsonl`/`.json`/`.parquet` row and each hub row is one document.
 
@@ -41,6 +44,7 @@ from pydoc_data.topics import topics as _PYDOC_TOPICS
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
+from nas_minitron.artifacts import read_safetensors, reading
 from nas_minitron.errors import UserError
 from nas_minitron.teacher import tokenizer_fingerprint
 
@@ -78,6 +82,7 @@ SHUFFLE_BUFFER_DOCS = 256
 TXT_DOC_MIN_CHARS = 4096
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_FIX_DATA = "fix the file (local data must be UTF-8 text, JSON Lines, JSON or parquet) or remove it"
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def _iter_txt(path: Path, rel: str) -> Iterator[tuple[str, str]]:
     """Documents of whole paragraphs, at least TXT_DOC_MIN_CHARS each, read line by line (never the whole file)."""
     chunk: list[str] = []
     size, index = 0, 0
-    with path.open(encoding="utf-8", errors="replace") as handle:
+    with reading(path, "data file", _FIX_DATA), path.open(encoding="utf-8") as handle:
         for line in handle:
             chunk.append(line)
             size += len(line)
@@ -161,7 +166,7 @@ def _row_text(row: Any, column: str, where: str) -> str:
 
 
 def _iter_jsonl(path: Path, rel: str, column: str) -> Iterator[tuple[str, str]]:
-    with path.open(encoding="utf-8") as handle:
+    with reading(path, "data file", _FIX_DATA), path.open(encoding="utf-8") as handle:
         for index, line in enumerate(handle):
             if not line.strip():
                 continue
@@ -174,7 +179,9 @@ def _iter_jsonl(path: Path, rel: str, column: str) -> Iterator[tuple[str, str]]:
 
 def _iter_json(path: Path, rel: str, column: str) -> Iterator[tuple[str, str]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        with reading(path, "data file", _FIX_DATA):
+            text = path.read_text(encoding="utf-8")
+        rows = json.loads(text)
     except json.JSONDecodeError:
         yield from _iter_jsonl(path, rel, column)  # JSON Lines saved as .json
         return
@@ -189,15 +196,16 @@ def _iter_json(path: Path, rel: str, column: str) -> Iterator[tuple[str, str]]:
 
 
 def _iter_parquet(path: Path, rel: str, column: str) -> Iterator[tuple[str, str]]:
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if column not in names:
-        raise UserError(f"{rel}: parquet file has no text column {column!r}; its columns: {names}.")
-    index = 0
-    for batch in parquet.iter_batches(columns=[column], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            yield f"{rel}#{index}", "" if value is None else str(value)
-            index += 1
+    with reading(path, "data file", _FIX_DATA):
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if column not in names:
+            raise UserError(f"{rel}: parquet file has no text column {column!r}; its columns: {names}.")
+        index = 0
+        for batch in parquet.iter_batches(columns=[column], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                yield f"{rel}#{index}", "" if value is None else str(value)
+                index += 1
 
 
 def _local_files(root: Path) -> list[Path]:
@@ -363,8 +371,9 @@ def save_sequences(path: str | os.PathLike[str], tokens: torch.Tensor) -> None:
 
 
 def load_sequences(path: str | os.PathLike[str]) -> torch.Tensor:
-    """The token ids [N, T] a `save_sequences` file holds."""
-    return st.load_file(str(path))["tokens"]
+    """The token ids [N, T] a `save_sequences` file holds; UserError naming a damaged file."""
+    hint = "it is damaged: start a new run (or rerun the stage that wrote it)"
+    return read_safetensors(path, "token file", hint=hint, require=("tokens",))["tokens"]
 
 
 # ---- fingerprint -------------------------------------------------------------------------------------------------

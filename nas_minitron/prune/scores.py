@@ -1,7 +1,8 @@
 """`ImportanceScores`: one score per prunable unit, higher = more important, from any criterion.
 
 Activation importance (importance.py), weight magnitude and seeded random (baselines.py) all produce this record,
-so one selection routine (keep.py) turns any of them into keep indices. Saved as safetensors + JSON, never pickle.
+so one selection routine (keep.py) turns any of them into keep indices. Saved as safetensors + JSON, never pickle;
+read back through `nas_minitron.artifacts`, so a damaged file or a score holding NaN/Inf is refused naming the file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
+from nas_minitron.artifacts import artifact_error, read_safetensors, reading
 from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,6 +28,8 @@ __all__ = ["FORMAT_VERSION", "ImportanceScores"]
 FORMAT_VERSION = 1
 _TENSORS_FILE = "scores.safetensors"
 _META_FILE = "scores.json"
+_REQUIRED = ("heads", "neurons", "channels")
+_RECOMPUTE = "recompute them with `nas-minitron importance --overwrite`"
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,17 @@ class ImportanceScores:
                 f"{str(src)!r} is not an importance directory: expected {_TENSORS_FILE} and {_META_FILE} "
                 f"(written by `nas-minitron importance`)."
             )
-        meta = json.loads((src / _META_FILE).read_text())
+        with reading(src / _META_FILE, "importance record", _RECOMPUTE):
+            meta = json.loads((src / _META_FILE).read_text())
+        if not isinstance(meta, dict):
+            raise artifact_error(src / _META_FILE, "importance record", "not a JSON object", _RECOMPUTE)
         if meta.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"importance directory {str(src)!r} has format_version={meta.get('format_version')!r}; "
                 f"this nas-minitron reads format_version={FORMAT_VERSION}. Recompute it."
             )
-        tensors = st.load_file(str(src / _TENSORS_FILE))
+        tensors = read_safetensors(src / _TENSORS_FILE, "importance scores", hint=_RECOMPUTE, require=_REQUIRED,
+                                   finite=True)
         layers = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")}
         windows = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("windows.")}
         return cls(tensors["heads"], tensors["neurons"], tensors["channels"], layers, windows, meta)

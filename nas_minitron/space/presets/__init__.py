@@ -51,5 +51,5 @@ def resolve_teacher_config(
         path = Path(spec).expanduser()
         if not path.is_file():
             raise UserError(f"teacher config file {str(path)!r} does not exist.")
-        return read_teacher_config(str(path), trust_remote_code, f"teacher config file {str(path)!r}")
+        return read_teacher_config(str(path), trust_remote_code, "teacher config file")
     return load_teacher_config(spec, cache_dir, trust_remote_code)

@@ -1,0 +1,400 @@
+"""Damaged inputs are refused in one line naming the file (issue #16, "one loader per artifact kind").
+
+The table runs the real CLI in a subprocess on a tiny teacher, with the cheapest command that reads each artifact,
+and asserts exit 2, one stderr line without a traceback that names the file, and no `--out` (nor its temporary
+sibling) left behind. Progress bars (transformers' "Loading weights", distill's own) are switched off
+(HF_HUB_DISABLE_PROGRESS_BARS, TQDM_DISABLE) so that stderr holds only the error. Below the table: direct tests of
+`nas_minitron.artifacts` and of the loaders that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import safetensors.torch as st
+import torch
+
+from nas_minitron.artifacts import (
+    artifact_error,
+    load_pretrained,
+    read_safetensors,
+    reading,
+    require_finite,
+    safetensors_shapes,
+    utf8_error_offset,
+)
+from nas_minitron.data import iter_documents, load_sequences, save_sequences
+from nas_minitron.distill.checkpoint import load_checkpoint, save_checkpoint, student_identity
+from nas_minitron.distill.logit_cache import MANIFEST, LogitCache, build_logit_cache
+from nas_minitron.errors import UserError
+from nas_minitron.families import describe_model
+from nas_minitron.prune.baselines import random_scores
+from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.teacher import load_teacher
+from tiny_models import tiny_model
+
+ARCH = "L2-H48-I50-A2-KV1"
+WEIGHTS = "model.safetensors"
+
+
+# ---- building damaged artifacts ----------------------------------------------------------------------------------
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _flip_header_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[20] ^= 0xFF  # inside the JSON header that follows the 8-byte length
+    file.write_bytes(bytes(data))
+
+
+def _not_safetensors(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[:8] = b"\xff" * 8  # a header length no file has
+    file.write_bytes(bytes(data))
+
+
+def _poison(file: Path, value: float = float("inf")) -> str:
+    """Put one NaN/Inf into a float tensor of a safetensors file (as a flipped exponent bit would); its name."""
+    tensors = st.load_file(file)
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)[0]
+    tensors[name].view(-1)[1] = value
+    st.save_file(tensors, file, metadata={"format": "pt"})
+    return name
+
+
+def _model_copy(source: Path, tmp: Path, damage: Callable[[Path], object]) -> Path:
+    target = tmp / "model"
+    shutil.copytree(source, target)
+    damage(target / WEIGHTS)
+    return target
+
+
+def _scores_dir(tmp: Path, damage: Callable[[Path], object] | None = None, record: str | None = None) -> Path:
+    """Scores of the tiny llama teacher, their tensor file damaged or their JSON record replaced."""
+    directory = tmp / "importance"
+    directory.mkdir()
+    random_scores(describe_model(tiny_model("llama"))[1], seed=0).save(directory)
+    if damage is not None:
+        damage(directory / "scores.safetensors")
+    if record is not None:
+        (directory / "scores.json").write_text(record)
+    return directory
+
+
+def _cache_dir(tmp: Path, manifest: str) -> Path:
+    directory = tmp / "cache"
+    directory.mkdir()
+    (directory / MANIFEST).write_text(manifest)
+    return directory
+
+
+def _data_file(tmp: Path, name: str, content: bytes) -> Path:
+    file = tmp / name
+    file.write_bytes(content)
+    return file
+
+
+def _importance(data: Path) -> list[str]:
+    return ["importance", "--data", str(data), "--num-samples", "2", "--seq-len", "16", "--batch-size", "2",
+            "--no-layer-metrics"]
+
+
+_DISTILL = ["--tokens", "64", "--seq-len", "16", "--batch-size", "1", "--val-sequences", "1", "--device", "cpu"]
+_BAD_UTF8 = b"caf\xe9 au lait\n"  # latin-1, not UTF-8: the bad byte is at offset 3 of this line
+
+
+@dataclass(frozen=True)
+class Case:
+    """A damaged artifact: `build(tmp, teacher)` makes it and returns (CLI args without --out, the named path)."""
+
+    build: Callable[[Path, Path], tuple[list[str], Path]]
+    needle: str  # what else the message must say
+
+
+def _prune(teacher: Path) -> list[str]:
+    return ["prune", "--teacher", str(teacher), "--arch", ARCH]
+
+
+CASES: dict[str, Case] = {
+    "prune-teacher-truncated": Case(
+        lambda tmp, t: (_prune(m := _model_copy(t, tmp, _truncate)), m / WEIGHTS), "truncated"),
+    "prune-teacher-flipped-header": Case(
+        lambda tmp, t: (_prune(m := _model_copy(t, tmp, _flip_header_byte)), m / WEIGHTS), "bad safetensors header"),
+    "prune-teacher-nan": Case(
+        lambda tmp, t: (_prune(m := _model_copy(t, tmp, lambda f: _poison(f, float("nan")))), m), "NaN/Inf"),
+    "inspect-truncated": Case(
+        lambda tmp, t: (["inspect", str(m := _model_copy(t, tmp, _truncate))], m / WEIGHTS), "truncated"),
+    "inspect-not-safetensors": Case(
+        lambda tmp, t: (["inspect", str(m := _model_copy(t, tmp, _not_safetensors))], m / WEIGHTS),
+        "not a safetensors file"),
+    "inspect-inf": Case(lambda tmp, t: (["inspect", str(m := _model_copy(t, tmp, _poison))], m / WEIGHTS), "NaN/Inf"),
+    "eval-model-truncated": Case(
+        lambda tmp, t: (["eval", "--model", str(m := _model_copy(t, tmp, _truncate)), "--device", "cpu"],
+                        m / WEIGHTS), "truncated"),
+    "distill-student-truncated": Case(
+        lambda tmp, t: (["distill", "--teacher", str(t), "--student", str(m := _model_copy(t, tmp, _truncate)),
+                         *_DISTILL], m / WEIGHTS), "truncated"),
+    "prune-importance-truncated": Case(
+        lambda tmp, t: ([*_prune(t), "--importance", str(s := _scores_dir(tmp, _truncate))],
+                        s / "scores.safetensors"), "truncated"),
+    "prune-importance-nan": Case(
+        lambda tmp, t: ([*_prune(t), "--importance", str(s := _scores_dir(tmp, _poison))], s / "scores.safetensors"),
+        "NaN/Inf"),
+    "prune-importance-record-not-json": Case(
+        lambda tmp, t: ([*_prune(t), "--importance", str(s := _scores_dir(tmp, record="{oops"))], s / "scores.json"),
+        "not valid JSON"),
+    "importance-txt-not-utf8": Case(
+        lambda tmp, t: ([*_importance(f := _data_file(tmp, "d.txt", b"hello\n" * 10 + _BAD_UTF8)), "--teacher",
+                         str(t)], f), "not UTF-8 at byte 63"),
+    "importance-jsonl-not-utf8": Case(
+        lambda tmp, t: ([*_importance(f := _data_file(tmp, "d.jsonl", b'{"text": "' + _BAD_UTF8[:-1] + b'"}\n')),
+                         "--teacher", str(t)], f), "not UTF-8 at byte 13"),
+    "importance-json-not-utf8": Case(
+        lambda tmp, t: ([*_importance(f := _data_file(tmp, "d.json", b'[{"text": "' + _BAD_UTF8[:-1] + b'"}]')),
+                         "--teacher", str(t)], f), "not UTF-8 at byte 14"),
+    "importance-parquet-corrupt": Case(
+        lambda tmp, t: ([*_importance(f := _data_file(tmp, "d.parquet", b"PAR1" + b"\0" * 64)), "--teacher",
+                         str(t)], f), "corrupt or not a parquet file"),
+    "distill-cache-manifest-without-files": Case(
+        lambda tmp, t: (["distill", "--student", str(t), "--logit-cache",
+                         str(c := _cache_dir(tmp, json.dumps({"format_version": 1}))), *_DISTILL], c / MANIFEST),
+        "missing key(s)"),
+    "distill-cache-manifest-not-json": Case(
+        lambda tmp, t: (["distill", "--student", str(t), "--logit-cache", str(c := _cache_dir(tmp, "[1, 2")),
+                         *_DISTILL], c / MANIFEST), "not valid JSON"),
+}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "nas_minitron", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cli_refuses_a_damaged_artifact_in_one_line(name: str, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    case = CASES[name]
+    args, named = case.build(tmp_path, tiny_teacher_dir)
+    out = tmp_path / "out"
+    command = args if args[0] == "inspect" else [*args, "--out", str(out)]
+    proc = cli(*command)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(named) in lines[0] and case.needle in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_distill_resume_refuses_an_unreadable_checkpoint_state(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    state = tmp_path / "ckpt" / "step-00000001" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"format_version": 1, "files": ')
+    out = tmp_path / "out"
+    proc = cli("distill", "--teacher", str(tiny_teacher_dir), "--student", str(tiny_teacher_dir), *_DISTILL,
+               "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume", "--out", str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(state) in lines[0] and "not valid JSON" in lines[0] and "incomplete or truncated" in lines[0]
+    assert not out.exists()
+
+
+# ---- the helper ----------------------------------------------------------------------------------------------------
+def _inside_reading(path: Path, action: Callable[[], object], hint: str = "",
+                    extra: tuple[type[BaseException], ...] = ()) -> None:
+    with reading(path, "record", hint, extra):
+        action()
+
+
+def _fail(err: BaseException) -> Callable[[], object]:
+    def action() -> object:
+        raise err
+
+    return action
+
+
+def test_reading_names_the_file_and_the_reason(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(UserError, match=r"^cannot read record '.*nope\.json': no such file; make it\.$"):
+        _inside_reading(missing, missing.read_text, "make it")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": }')
+    with pytest.raises(UserError, match=r"not valid JSON \(Expecting value at line 1 column 7\)"):
+        _inside_reading(bad, lambda: json.loads(bad.read_text()))
+    with pytest.raises(UserError, match=r"record .*: missing key 'files'\.$"):
+        _inside_reading(bad, _fail(KeyError("files")))
+    with pytest.raises(UserError, match="it is a directory"):
+        _inside_reading(tmp_path, tmp_path.read_text)
+    assert str(artifact_error(bad, "x", "broken.", "fix it")) == f"cannot read x {str(bad)!r}: broken; fix it."
+
+
+def test_reading_leaves_other_errors_alone(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="^mine$"):
+        _inside_reading(tmp_path, _fail(UserError("mine")))
+    with pytest.raises(ValueError, match="a bug"):
+        _inside_reading(tmp_path, _fail(ValueError("a bug")))
+    with pytest.raises(UserError, match="cannot read record .*: a bad file"):
+        _inside_reading(tmp_path, _fail(ValueError("a bad file")), extra=(ValueError,))
+    with pytest.raises(RuntimeError):
+        _inside_reading(tmp_path, _fail(RuntimeError("not a read error")))
+
+
+def test_utf8_offset_is_the_file_offset_across_decoder_chunks(tmp_path: Path) -> None:
+    file = tmp_path / "big.txt"
+    head = "é" * (1 << 19) + "x" * 7  # 1 MiB + 7 bytes: a reader's chunks and ours both end mid-file
+    file.write_bytes(head.encode() + b"ab\xffcd")
+    offset = len(head.encode()) + 2
+    assert utf8_error_offset(file) == offset
+
+    def read_lines() -> None:  # text mode reports a start relative to its decoding chunk, not to the file
+        with file.open(encoding="utf-8") as handle:
+            for _line in handle:
+                pass
+
+    with pytest.raises(UserError, match=f"not UTF-8 at byte {offset}"):
+        _inside_reading(file, read_lines)
+    file.write_bytes(head.encode())
+    assert utf8_error_offset(file) is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [(_truncate, "truncated"), (_flip_header_byte, "bad safetensors header"),
+     (_not_safetensors, "not a safetensors file"), (lambda f: f.write_bytes(b""), "truncated (header too small)")],
+)
+def test_read_safetensors_refuses_damaged_files(tmp_path: Path, damage: Callable[[Path], object], needle: str) -> None:
+    file = tmp_path / "t.safetensors"
+    st.save_file({"a": torch.zeros(64, 64), "b": torch.ones(8)}, file)
+    damage(file)
+    for read in (lambda: read_safetensors(file, "scores", hint="redo"), lambda: safetensors_shapes(file, "scores")):
+        with pytest.raises(UserError, match="cannot read scores") as info:
+            read()
+        assert str(file) in str(info.value) and needle in str(info.value)
+
+
+def test_read_safetensors_checks_required_tensors_and_finite_values(tmp_path: Path) -> None:
+    file = tmp_path / "t.safetensors"
+    st.save_file({"a": torch.tensor([1.0, float("inf"), float("nan")]), "ids": torch.arange(3)}, file)
+    assert set(read_safetensors(file, "x")) == {"a", "ids"}  # values are not checked unless asked
+    with pytest.raises(UserError, match=r"missing tensor\(s\) 'tokens' \(it holds a, ids\)"):
+        read_safetensors(file, "x", require=("tokens",))
+    with pytest.raises(UserError, match=r"tensor 'a' holds 2 NaN/Inf value\(s\) of 3"):
+        read_safetensors(file, "x", finite=True)
+    with pytest.raises(UserError, match="tensor 'a' holds"):
+        safetensors_shapes(file, "x", finite=True)
+    assert safetensors_shapes(file, "x") == {"a": [3], "ids": [3]}
+
+
+def test_require_finite_ignores_integers_and_sums_that_only_overflow() -> None:
+    huge = torch.full((4,), 3e38)  # finite, but its float32 sum is inf
+    require_finite([("huge", huge), ("ids", torch.arange(4)), ("half", huge.to(torch.bfloat16))], "x", "p")
+    with pytest.raises(UserError, match="tensor 'w' holds 1 NaN/Inf"):
+        require_finite([("ok", torch.zeros(2)), ("w", torch.tensor([1.0, -float("inf")], dtype=torch.bfloat16))],
+                       "x", "p")
+
+
+def test_load_pretrained_names_the_damaged_file_and_the_bad_tensor(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    truncated = _model_copy(tiny_teacher_dir, tmp_path / "a", _truncate)
+    with pytest.raises(UserError, match="truncated") as info:
+        load_pretrained(str(truncated), "student")
+    assert str(truncated / WEIGHTS) in str(info.value)
+    poisoned = tmp_path / "b" / "model"
+    shutil.copytree(tiny_teacher_dir, poisoned)
+    name = _poison(poisoned / WEIGHTS)
+    with pytest.raises(UserError, match=f"cannot read teacher .*: tensor '{name}' holds 1 NaN/Inf"):
+        load_teacher(str(poisoned))
+    model, _tokenizer = load_pretrained(str(tiny_teacher_dir), "student")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# ---- the loaders using it -----------------------------------------------------------------------------------------
+def test_importance_scores_refuse_nan_missing_tensors_and_bad_records(tmp_path: Path) -> None:
+    directory = _scores_dir(tmp_path)
+    assert ImportanceScores.load(directory).heads.shape[0] == 3
+    tensors = st.load_file(directory / "scores.safetensors")
+    st.save_file({k: v for k, v in tensors.items() if k != "heads"}, directory / "scores.safetensors")
+    with pytest.raises(UserError, match=r"missing tensor\(s\) 'heads'.*importance --overwrite"):
+        ImportanceScores.load(directory)
+    tensors["neurons"][0, 0] = float("nan")
+    st.save_file(tensors, directory / "scores.safetensors")
+    with pytest.raises(UserError, match="tensor 'neurons' holds 1 NaN/Inf"):
+        ImportanceScores.load(directory)
+    (directory / "scores.json").write_text("[]")
+    with pytest.raises(UserError, match="importance record .*scores.json': not a JSON object"):
+        ImportanceScores.load(directory)
+
+
+def test_token_files_refuse_damage(tmp_path: Path) -> None:
+    file = tmp_path / "train.safetensors"
+    save_sequences(file, torch.arange(32).view(2, 16))
+    assert load_sequences(file).shape == (2, 16)
+    _truncate(file)
+    with pytest.raises(UserError, match="cannot read token file .*: truncated"):
+        load_sequences(file)
+    st.save_file({"other": torch.zeros(2)}, file)
+    with pytest.raises(UserError, match=r"missing tensor\(s\) 'tokens'"):
+        load_sequences(file)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [("a.txt", b"ok\n" * 3 + b"\xff\n", "not UTF-8 at byte 9"),
+     ("a.jsonl", b'{"text": "ok"}\n{"text": "\xc3("}\n', "not UTF-8 at byte 25"),
+     ("a.json", b'{"data": [{"text": "\xe2\x28\xa1"}]}', "not UTF-8 at byte 20"),
+     ("a.parquet", b"not parquet at all", "corrupt or not a parquet file")],
+)
+def test_data_files_refuse_bad_bytes(tmp_path: Path, name: str, content: bytes, needle: str) -> None:
+    file = tmp_path / name
+    file.write_bytes(content)
+    with pytest.raises(UserError, match="cannot read data file") as info:
+        for split in ("calibration", "train", "validation"):
+            list(iter_documents(str(file), split))
+    assert str(file) in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "needle"),
+    [({"format_version": 1}, "missing key(s) num_sequences"),
+     ("[]", "not a JSON object"), ("{", "not valid JSON"),
+     ("drop-sha", "missing key 'sha256'"), ("drop-shard", "missing key 'indices-0'")],
+)
+def test_logit_cache_refuses_a_damaged_manifest(tmp_path: Path, manifest: object, needle: str) -> None:
+    cache = tmp_path / "c"
+    build_logit_cache(tiny_model("llama"), torch.randint(0, 1024, (2, 8)), cache, topk=4, batch_size=2)
+    record = json.loads((cache / MANIFEST).read_text())
+    if manifest == "drop-sha":
+        del record["files"]["tokens"]["sha256"]
+    elif manifest == "drop-shard":
+        del record["files"]["indices-0"]
+    else:
+        record = manifest
+    (cache / MANIFEST).write_text(record if isinstance(record, str) else json.dumps(record))
+    with pytest.raises(UserError, match="cannot read logit-cache manifest") as info:
+        LogitCache.open(cache)
+    assert str(cache / MANIFEST) in str(info.value) and needle in str(info.value)
+
+
+def test_checkpoint_weights_are_read_through_the_helper(tmp_path: Path) -> None:
+    """A checkpoint whose state lists no checksums (so nothing catches the damage earlier) still fails in one line."""
+    student = tiny_model("llama")
+    objective = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([*student.parameters(), *objective.parameters()], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    path = save_checkpoint(tmp_path, 1, student, objective, optimizer, scheduler,
+                           {"student": student_identity(student), "config_fingerprint": "f"}, keep_last_k=1)
+    state = json.loads((path / "state.json").read_text())
+    del state["files"]
+    (path / "state.json").write_text(json.dumps(state))
+    weights = next((path / "student").glob("*.safetensors"))
+    _truncate(weights)
+    with pytest.raises(UserError, match="cannot read checkpoint weights .*: truncated .*drop --resume") as info:
+        load_checkpoint(path, student, objective, optimizer, scheduler, "f")
+    assert str(weights) in str(info.value)
