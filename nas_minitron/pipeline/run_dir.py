@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["CURVE_COLUMNS", "LOCK_FILE", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run", "now",
-           "read_csv", "write_csv"]
+__all__ = ["CURVE_COLUMNS", "LOCK_FILE", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run",
+           "finished_stages", "now", "read_csv", "stage_marker", "write_csv"]
 
 # Run order. Candidates come first although the papers start from importance: they need only the config, so an
 # unreachable budget fails in a second instead of after the importance pass, and they tell importance which
@@ -44,6 +44,16 @@ WINNER_COLUMNS = ("rank", "name", "params", "val_loss", "val_kl", "path")
 LOCK_FILE = ".lock"  # held (fcntl) by the driver that runs the search in this directory
 
 Log = Callable[[str], None]
+
+
+def stage_marker(run_dir: Path, stage: str) -> Path:
+    """The completion marker of `stage` (JSON: wall_s, finished_at and the stage's own facts)."""
+    return run_dir / "stages" / f"{stage}.json"
+
+
+def finished_stages(run_dir: Path) -> list[str]:
+    """The stages whose marker exists, in run order."""
+    return [stage for stage in STAGES if stage_marker(run_dir, stage).is_file()]
 
 
 def now() -> str:
@@ -106,14 +116,14 @@ class Run:
 
     # ---- stage markers ------------------------------------------------------------------------------------------
     def done(self, stage: str) -> bool:
-        return self.path("stages", f"{stage}.json").is_file()
+        return stage_marker(self.dir, stage).is_file()
 
     def mark(self, stage: str, wall_s: float, **extra: Any) -> None:
-        write_json_atomic(self.path("stages", f"{stage}.json"),
+        write_json_atomic(stage_marker(self.dir, stage),
                           {"stage": stage, "wall_s": round(wall_s, 3), "finished_at": now(), **extra})
 
     def stage_info(self, stage: str) -> dict[str, Any]:
-        info: dict[str, Any] = json.loads(self.path("stages", f"{stage}.json").read_text())
+        info: dict[str, Any] = json.loads(stage_marker(self.dir, stage).read_text())
         return info
 
     # ---- records --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import find_tasks, resolve_tasks
 from nas_minitron.families import describe
 from nas_minitron.pipeline import stages
-from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, now
+from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
 from nas_minitron.pipeline.settings import SearchSettings, differences
 from nas_minitron.teacher import load_teacher_config
 
@@ -38,10 +38,6 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
 assert tuple(STAGE_FUNCTIONS) == STAGES, "every stage has one function, in run order"
 
 
-def _finished_stages(run_dir: Path) -> list[str]:
-    return [stage for stage in STAGES if (run_dir / "stages" / f"{stage}.json").is_file()]
-
-
 def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> bool:
     """Whether the run directory is to be (re)created; UserError when it cannot be used as asked.
 
@@ -57,7 +53,7 @@ def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> boo
         raise UserError(f"--run-dir {str(run_dir)!r} cannot be created: {str(ancestor)!r} is not a writable "
                         f"directory; choose another --run-dir.")
     config_file = run_dir / "config.json"
-    finished = _finished_stages(run_dir) if run_dir.is_dir() else []
+    finished = finished_stages(run_dir)
     if not finished:
         if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not config_file.is_file():
             raise UserError(f"run directory {str(run_dir)!r} already exists and holds no search; choose another "
@@ -89,11 +85,12 @@ def _resolve(settings: SearchSettings) -> dict[str, Any]:
             "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"])}
 
 
-def _preflight(settings: SearchSettings, resolved: dict[str, Any], new: bool) -> None:
+def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, new: bool) -> None:
     """Everything a later stage would refuse, refused now: before the run directory or any work."""
     if new:
         stages.find_candidates(settings, resolved["budget_params"])  # an unreachable budget fails in a second
-    find_tasks(list(resolve_tasks(settings.eval_tasks)))  # a typo in --eval-tasks, not after hours of training
+    if "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours of training
+        find_tasks(list(resolve_tasks(settings.eval_tasks)))
 
 
 def _lock(run_dir: Path) -> IO[str]:
@@ -129,10 +126,10 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
     """
     new = _check_run_dir(run_dir, resume, settings)
     resolved = _resolve(settings)
-    _preflight(settings, resolved, new)
+    _preflight(settings, resolved, run_dir, new)
     log(f"run directory {run_dir} ({'resumed' if not new else 'new'}): teacher {resolved['teacher_arch']}, "
         f"budget {settings.budget} = {resolved['budget_params']:,} parameters")
-    if not (run_dir / "stages" / "trials.json").is_file():
+    if not stage_marker(run_dir, "trials").is_file():
         stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

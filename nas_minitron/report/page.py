@@ -25,7 +25,7 @@ from nas_minitron.atomic import atomic_directory
 from nas_minitron.distill.result import RECORD_FILE
 from nas_minitron.errors import UserError, first_line
 from nas_minitron.evaluate.harness import eval_table, read_eval, wide_table
-from nas_minitron.pipeline.run_dir import STAGES
+from nas_minitron.pipeline.run_dir import STAGES, stage_marker
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.report.plots import (
     eval_figures,
@@ -81,7 +81,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 def _stage_status(run_dir: Path) -> pd.DataFrame:
     rows = []
     for stage in STAGES[:-1]:  # "report" is this very step
-        marker = _read_json(run_dir / "stages" / f"{stage}.json")
+        marker = _read_json(stage_marker(run_dir, stage))
         output = _STAGE_OUTPUT.get(stage)
         started = output is not None and (run_dir / output).exists()
         status = "complete" if marker else "in progress" if started else "missing"

@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import one_error_line, search
 from nas_minitron.cli import build_parser
 from nas_minitron.errors import UserError
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES
 from nas_minitron.pipeline.runner import _check_run_dir
 from nas_minitron.pipeline.settings import SearchSettings, differences, resolve_settings
-
-TINY = ("--budget", "0.6x", "--space", "tiny", "--trials", "3", "--short-tokens", "256", "--full-tokens", "128",
-        "--seq-len", "32", "--batch-size", "2", "--calibration-samples", "8", "--validation-sequences", "4",
-        "--eval-limit", "8", "--topk", "16", "--max-concurrent", "2")
-
-
-def search(teacher: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nas_minitron", "search", "--teacher", str(teacher), *TINY,
-                           "--run-dir", str(run_dir), *extra], capture_output=True, text=True, timeout=900)
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    ray_log = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) ")  # Ray's own start-up lines
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not ray_log.match(line)]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[0]
 
 
 @pytest.mark.parametrize(("overrides", "named"), [
@@ -110,16 +91,16 @@ def test_bad_run_dirs_eval_tasks_and_seq_len_are_refused_before_any_output(
 ) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert "is a file" in one_line_error(search(tiny_teacher_dir, a_file))
-    assert "is not a writable directory" in one_line_error(search(tiny_teacher_dir, a_file / "run"))
+    assert "is a file" in one_error_line(search(tiny_teacher_dir, a_file, cwd=tmp_path))
+    assert "is not a writable directory" in one_error_line(search(tiny_teacher_dir, a_file / "run", cwd=tmp_path))
     run_dir = tmp_path / "run"
-    line = one_line_error(search(tiny_teacher_dir, run_dir, "--eval-tasks", "pydoc_next_sentense"))
+    line = one_error_line(search(tiny_teacher_dir, run_dir, "--eval-tasks", "pydoc_next_sentense"))
     assert "'pydoc_next_sentense'" in line and "pydoc_next_sentence" in line  # the typo and the close match
     assert not run_dir.exists()
-    line = one_line_error(search(tiny_teacher_dir, run_dir, "--seq-len", "100000"))
+    line = one_error_line(search(tiny_teacher_dir, run_dir, "--seq-len", "100000"))
     assert "--seq-len 100000" in line and "max_position_embeddings (256)" in line
     assert not run_dir.exists()
-    line = one_line_error(search(tiny_teacher_dir, run_dir, "--gpus-per-trial", "-1"))  # hung before
+    line = one_error_line(search(tiny_teacher_dir, run_dir, "--gpus-per-trial", "-1"))  # hung before
     assert "gpus_per_trial" in line and "-1" in line
     assert not run_dir.exists()
 
@@ -131,6 +112,6 @@ def test_a_second_driver_is_refused_before_it_writes(tiny_teacher_dir: Path, tmp
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("4242")
         held.flush()
-        line = one_line_error(search(tiny_teacher_dir, run_dir))
+        line = one_error_line(search(tiny_teacher_dir, run_dir))
     assert "in use by another search (pid 4242)" in line
     assert not (run_dir / "config.json").exists() and not (run_dir / "summary.json").exists()

@@ -13,16 +13,7 @@ from pathlib import Path
 
 import pytest
 
-TINY_ARGS = ("--budget", "0.6x", "--space", "tiny", "--trials", "3", "--short-tokens", "256", "--full-tokens",
-             "128", "--seq-len", "32", "--batch-size", "2", "--calibration-samples", "8",
-             "--validation-sequences", "4", "--eval-limit", "8", "--topk", "16", "--max-concurrent", "2")
-
-
-def search(teacher: Path, run_dir: Path, *extra: str, env: dict[str, str] | None = None,
-           timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nas_minitron", "search", "--teacher", str(teacher), *TINY_ARGS,
-                           "--run-dir", str(run_dir), *extra], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=run_dir.parent)
+from cli_helpers import TINY_SEARCH_ARGS, search
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -111,7 +102,7 @@ def _trial_dir(run_dir: Path, trial_id: str) -> str:
 
 def test_driver_killed_mid_search_is_finished_by_resume(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(tiny_teacher_dir), *TINY_ARGS,
+    command = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(tiny_teacher_dir), *TINY_SEARCH_ARGS,
                "--run-dir", str(run_dir), "--max-concurrent", "1"]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, cwd=tmp_path)

@@ -1,0 +1,37 @@
+"""Running the real CLI in a subprocess, as a user would, and reading what it printed (shared by the CLI tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# A search on a tiny teacher that finishes in about a minute (3 trials, 2 at once).
+TINY_SEARCH_ARGS = ("--budget", "0.6x", "--space", "tiny", "--trials", "3", "--short-tokens", "256",
+                    "--full-tokens", "128", "--seq-len", "32", "--batch-size", "2", "--calibration-samples", "8",
+                    "--validation-sequences", "4", "--eval-limit", "8", "--topk", "16", "--max-concurrent", "2")
+_RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) ")  # Ray's own start-up lines on stderr
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m nas_minitron ARGS`, output captured; `env` is added to this process's environment."""
+    return subprocess.run([sys.executable, "-m", "nas_minitron", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def search(teacher: Path, run_dir: Path, *extra: str, env: dict[str, str] | None = None, timeout: int = 600,
+           cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The tiny search in `run_dir`, run from `cwd` (default: the run directory's parent)."""
+    return run_cli("search", "--teacher", str(teacher), *TINY_SEARCH_ARGS, "--run-dir", str(run_dir), *extra,
+                   env=env, timeout=timeout, cwd=cwd or run_dir.parent)
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The refusal's one stderr line, asserting exit code 2 and no traceback (Ray's start-up log lines aside)."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if not _RAY_LOG.match(line)]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
