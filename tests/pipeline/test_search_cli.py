@@ -192,7 +192,7 @@ import os, sys
 from nas_minitron.search.tune import RayOptions, connect_ray
 url = connect_ray(RayOptions(num_cpus=1))
 import ray
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # this file, and tests/ for cli_helpers
 from test_search_cli import _descendants, _listening
 print(url)
 print(" ".join(_listening(_descendants(os.getpid()))))
