@@ -201,6 +201,73 @@ def test_distill_resume_refuses_an_unreadable_checkpoint_state(tiny_teacher_dir:
     assert not out.exists()
 
 
+# ---- inconsistent inputs (#16 item 3): each refused in one line naming the values, before any work --------------
+def _other_teacher(teacher: Path, tmp: Path) -> Path:
+    """The same tiny teacher (tokenizer and shapes) with other weights: what a cache of another teacher looks like."""
+    other = tmp / "other-teacher"
+    shutil.copytree(teacher, other)
+    tensors = st.load_file(other / WEIGHTS)
+    st.save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, other / WEIGHTS,
+                 metadata={"format": "pt"})
+    return other
+
+
+def _cache_of(teacher: Path, tmp: Path) -> Path:
+    model, tokenizer = load_teacher(str(teacher))
+    tokens = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    build_logit_cache(model, tokens, tmp / "cache", topk=8, batch_size=2, tokenizer=tokenizer)
+    return tmp / "cache"
+
+
+def _small_text(tmp: Path) -> Path:
+    from pydoc_data.topics import topics
+
+    # 40 short documents of real text (a few dozen KB): some land in the validation split, as split_of decides
+    lines = [json.dumps({"text": topics[k][:600]}) for k in sorted(topics)[:40]]
+    return _data_file(tmp, "small.jsonl", ("\n".join(lines) + "\n").encode())
+
+
+INCONSISTENT: dict[str, tuple[Callable[[Path, Path], list[str]], tuple[str, ...]]] = {
+    "importance-loss-samples-above-num-samples": (
+        lambda tmp, t: ["importance", "--teacher", str(t), "--num-samples", "4", "--loss-samples", "8",
+                        "--seq-len", "16", "--device", "cpu"],
+        ("--loss-samples 8 is above --num-samples 4", "at most 4")),
+    "distill-cache-of-another-teacher": (
+        lambda tmp, t: ["distill", "--teacher", str(_other_teacher(t, tmp)), "--student", str(t), "--logit-cache",
+                        str(_cache_of(t, tmp)), *_DISTILL],
+        ("was built from another teacher", "teacher_fingerprint")),
+    "distill-tokens-loop-over-small-data": (
+        lambda tmp, t: ["distill", "--teacher", str(t), "--student", str(t), "--data", str(_small_text(tmp)),
+                        "--tokens", "1000000", "--seq-len", "16", "--batch-size", "1", "--val-sequences", "1",
+                        "--device", "cpu"],
+        ("--tokens 1,000,000 would pass over the train split", "--allow-repeat")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INCONSISTENT))
+def test_cli_refuses_inconsistent_inputs_in_one_line(name: str, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    build, needles = INCONSISTENT[name]
+    out = tmp_path / "out"
+    line = one_error_line(cli(*build(tmp_path, tiny_teacher_dir), "--out", str(out)))
+    assert all(n in line for n in needles), line
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_distill_allow_repeat_lifts_the_pass_limit(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    data = _small_text(tmp_path)
+    args = ["distill", "--teacher", str(tiny_teacher_dir), "--student", str(tiny_teacher_dir), "--data", str(data),
+            "--seq-len", "16", "--batch-size", "1", "--val-sequences", "1", "--device", "cpu", "--out", str(out)]
+    probe = cli(*args, "--tokens", "1000000")
+    sequences = int(probe.stderr.split("it holds ")[1].split(" sequences")[0].replace(",", ""))
+    tokens = 16 * sequences * 5  # five passes: one above the limit
+    refused = cli(*args, "--tokens", str(tokens))
+    assert refused.returncode == 2 and "5.0 times" in refused.stderr, refused.stderr
+    allowed = cli(*args, "--tokens", str(tokens), "--allow-repeat", "--eval-every-tokens", str(tokens))
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert json.loads((out / "distill.json").read_text())["num_tokens"] == tokens
+
+
 # ---- the helper ----------------------------------------------------------------------------------------------------
 def _inside_reading(path: Path, action: Callable[[], object], hint: str = "",
                     extra: tuple[type[BaseException], ...] = ()) -> None:

@@ -25,6 +25,7 @@ else:
     tqdm = lazy_import("tqdm")
 
 __all__ = [
+    "MAX_DATA_PASSES",
     "TEACHER_HELP",
     "add_teacher_args",
     "add_training_args",
@@ -33,6 +34,8 @@ __all__ = [
     "tokenize_streams",
     "progress",
 ]
+
+MAX_DATA_PASSES = 4  # a training run may pass over its data at most this often unless --allow-repeat
 
 TEACHER_HELP = "local HF model directory, .gguf file, hub id (org/name), or the embedded default 'smollm2-135m'"
 
@@ -82,6 +85,9 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints after success")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--allow-repeat", action="store_true",
+                        help=f"allow --tokens to pass over the train split more than {MAX_DATA_PASSES} times "
+                             "(refused otherwise: a typo in --tokens would loop over a small file for hours)")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
@@ -103,13 +109,20 @@ def config_from_args(args: argparse.Namespace, dtype: str, **fields: Any) -> Dis
 def tokenize_streams(
     args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training sequences [N, T] covering --tokens once (fewer if the split is smaller: they repeat) and
-    validation sequences [V, T] from the held-out split."""
+    """Training sequences [N, T] covering --tokens once (fewer if the split is smaller: they repeat, at most
+    `MAX_DATA_PASSES` times unless --allow-repeat) and validation sequences [V, T] from the held-out split."""
     needed = -(-args.tokens // args.seq_len)
     rows = list(itertools.islice(iter_sequences(args.data, tokenizer, "train", args.seq_len, args.seed), needed))
     if len(rows) < args.batch_size:
         raise UserError(f"the train split of {args.data!r} holds {len(rows)} sequences of {args.seq_len} tokens, "
                         f"fewer than one batch of {args.batch_size}; use more data or a smaller --batch-size.")
+    passes = needed / len(rows)
+    if passes > MAX_DATA_PASSES and not getattr(args, "allow_repeat", False):
+        raise UserError(
+            f"--tokens {args.tokens:,} would pass over the train split of {args.data!r} {passes:.1f} times (it holds "
+            f"{len(rows):,} sequences of {args.seq_len} tokens = {len(rows) * args.seq_len:,} tokens; at most "
+            f"{MAX_DATA_PASSES} passes allowed); use fewer --tokens, more data, or pass --allow-repeat."
+        )
     val = take_sequences(args.data, tokenizer, "validation", args.seq_len, args.val_sequences, args.seed)
     return torch.stack(rows), val  # [N, T], [V, T]
 

@@ -24,7 +24,7 @@ from nas_minitron.distill.logit_cache import MANIFEST, LogitCache, build_logit_c
 from nas_minitron.distill.result import save_distilled
 from nas_minitron.distill.trainer import NonFiniteLossError, distill
 from nas_minitron.errors import UserError
-from nas_minitron.teacher import load_teacher, tokenizer_fingerprint
+from nas_minitron.teacher import load_teacher, tokenizer_fingerprint, weights_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +104,14 @@ def _teacher_and_cache(
         cache = LogitCache.open(args.logit_cache)
         if cache.manifest.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(student_tok)):
             raise UserError(f"logit cache {str(args.logit_cache)!r} was built with another tokenizer.")
+        if args.teacher:  # the cache replaces the teacher; a teacher named beside it must be the cache's teacher
+            teacher, _ = load_teacher(args.teacher, args.cache_dir, trust_remote_code=args.trust_remote_code)
+            built, given = cache.manifest.get("teacher_fingerprint"), weights_fingerprint(teacher)
+            del teacher
+            if built is not None and built != given:
+                raise UserError(f"logit cache {str(args.logit_cache)!r} was built from another teacher than "
+                                f"--teacher {args.teacher!r} (teacher_fingerprint {built} in the cache, {given} for "
+                                f"--teacher); rebuild the cache or drop --teacher.")
         return None, cache
     if not args.teacher:
         raise UserError("--teacher is required (unless --logit-cache names an existing cache).")

@@ -63,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--window-sizes", type=_window_sizes, default=[1, 2, 4, 8],
                         help="k values: LM loss with each window of k contiguous layers removed (default: 1,2,4,8;"
                              " sizes >= the layer count are dropped)")
-    parser.add_argument("--loss-samples", type=int, default=64,
-                        help="sequences used for the layer-removal losses (default: 64)")
+    parser.add_argument("--loss-samples", type=int, default=None,
+                        help="sequences used for the layer-removal losses, at most --num-samples (default: 64, or "
+                             "--num-samples when fewer)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA (bf16 autocast) when available, else CPU float32")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -72,14 +73,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+DEFAULT_LOSS_SAMPLES = 64
+
+
 def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
     check_aggregations(args.batch_agg, args.seq_agg)
+    if args.loss_samples is None:
+        args.loss_samples = min(DEFAULT_LOSS_SAMPLES, max(1, args.num_samples))
     for flag, value in (("--num-samples", args.num_samples), ("--seq-len", args.seq_len),
                         ("--batch-size", args.batch_size), ("--loss-samples", args.loss_samples)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, but got {value}.")
     if args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (one next-token prediction), but got {args.seq_len}.")
+    if args.layer_metrics and args.layer_loss and args.loss_samples > args.num_samples:  # given explicitly
+        raise UserError(f"--loss-samples {args.loss_samples} is above --num-samples {args.num_samples}: the "
+                        f"layer-removal losses use a subset of the calibration sequences; use at most "
+                        f"{args.num_samples}.")
     max_positions = config.get("max_position_embeddings")
     if max_positions and args.seq_len > max_positions:
         raise UserError(f"--seq-len {args.seq_len} is above the teacher's max_position_embeddings={max_positions}.")
@@ -103,7 +113,7 @@ def _expected_meta(
         "layer_metrics": args.layer_metrics,
         "layer_loss": layer_loss,
         "window_sizes": [k for k in args.window_sizes if k < num_layers] if layer_loss else [],
-        "loss_sequences": min(args.loss_samples, args.num_samples) if layer_loss else None,
+        "loss_sequences": args.loss_samples if layer_loss else None,
     }
 
 

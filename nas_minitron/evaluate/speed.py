@@ -163,11 +163,12 @@ def measure_speed(
             out = model(input_ids=input_ids, use_cache=True)  # logits [B, S, V]
             _sync(target)
             prefill_s = time.perf_counter() - started
-            past, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)  # next_ids [B, 1]
+            # transformers >= 5.23 names the KV cache `cache` (`past_key_values` is deprecated, removed in 5.40)
+            past, next_ids = out.cache, out.logits[:, -1:].argmax(-1)  # next_ids [B, 1]
             started = time.perf_counter()
             for _ in range(num_decode_tokens):
-                out = model(input_ids=next_ids, past_key_values=past, use_cache=True)
-                past, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=next_ids, cache=past, use_cache=True)
+                past, next_ids = out.cache, out.logits[:, -1:].argmax(-1)
             _sync(target)
             decode_s = time.perf_counter() - started
     return SpeedResult(
