@@ -1,25 +1,38 @@
-"""`nas-minitron prune`: materialize one student from a teacher, an arch name and a criterion."""
+"""`nas-minitron prune`: cut one student from a teacher, an arch name and a criterion.
+
+A local safetensors teacher (a directory, or a GGUF / the embedded default once converted) is never loaded for the
+cut: the student is read from its files (`prune.sliced`); only `--criterion magnitude`, which scores every
+weight, loads it first. A hub id is loaded and cut by `materialize`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
+from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory, check_output_dir
 from nas_minitron.commands.args import add_teacher_args
 from nas_minitron.errors import UserError
-from nas_minitron.families import describe_model
+from nas_minitron.families import describe
 from nas_minitron.prune.baselines import magnitude_scores, random_scores
 from nas_minitron.prune.keep import DEPTH_METHODS
 from nas_minitron.prune.plan import PruningPlan, save_student, target_arch
 from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.prune.sliced import is_safetensors_dir
 from nas_minitron.prune.student import build_student
-from nas_minitron.teacher import load_teacher, load_teacher_config
+from nas_minitron.teacher import load_teacher, load_teacher_config, resolve_teacher_dir
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    import torch
+    import transformers
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = lazy_import("torch")
+    transformers = lazy_import("transformers")
 
 __all__ = ["register"]
 
@@ -72,16 +85,22 @@ def run(args: argparse.Namespace) -> int:
     target = target_arch(config, arch_name)  # refuses unprunable/unloadable archs before loading weights
     if plan is not None and plan.arch != target:
         raise UserError(f"--arch {arch_name} differs from the plan's {plan.arch.name}.")
-    teacher, tokenizer = load_teacher(teacher_spec, args.cache_dir, trust_remote_code=args.trust_remote_code)
+    where = resolve_teacher_dir(teacher_spec, args.cache_dir)
+    teacher: PreTrainedModel | str
+    if is_safetensors_dir(where):
+        teacher, tokenizer = where, _tokenizer(where, args.trust_remote_code)  # cut from the files (prune.sliced)
+    else:  # a hub id: transformers resolves and loads it
+        teacher, tokenizer = load_teacher(teacher_spec, args.cache_dir, trust_remote_code=args.trust_remote_code)
     student, plan = build_student(
         teacher,
         teacher_spec,
         target,
-        _scores(args, teacher) if plan is None else None,
+        _scores(args, teacher_spec, config, teacher) if plan is None else None,
         plan=plan,
         depth_method=args.depth_method,
         rescale_norms=args.rescale_norms,
         importance_dir=str(args.importance) if args.importance else None,
+        dtype=torch.float32 if isinstance(teacher, str) else None,  # float32, as load_teacher gives
     )
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         save_student(student, tokenizer, plan, tmp)
@@ -90,9 +109,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scores(args: argparse.Namespace, teacher: PreTrainedModel) -> ImportanceScores:
+def _scores(
+    args: argparse.Namespace, teacher_spec: str, config: dict[str, Any], teacher: PreTrainedModel | str
+) -> ImportanceScores:
     if args.importance:
         return ImportanceScores.load(args.importance)
     if args.criterion == "random":
-        return random_scores(describe_model(teacher)[1], args.seed)
+        return random_scores(describe(config)[1], args.seed)
+    if isinstance(teacher, str):  # magnitude reads every weight: load the teacher here, freed before the cut
+        teacher = load_teacher(teacher_spec, args.cache_dir, trust_remote_code=args.trust_remote_code)[0]
     return magnitude_scores(teacher)
+
+
+def _tokenizer(where: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    with reading(where, "teacher tokenizer", extra=(ValueError,)):
+        tokenizer: PreTrainedTokenizerBase = transformers.AutoTokenizer.from_pretrained(
+            where, trust_remote_code=trust_remote_code
+        )
+    return tokenizer

@@ -3,7 +3,8 @@
 - `scores`: `ImportanceScores`, one score per head / neuron / channel / layer from any criterion.
 - `importance`: activation importance (Minitron) from calibration data; `lm_loss`: LM loss, also with layers skipped.
 - `baselines`: weight-magnitude and seeded-random scores.
-- `keep`: `KeepIndices` and their selection from scores; `surgery`: teacher + keep indices -> a stock HF model.
+- `keep`: `KeepIndices` and their selection from scores; `surgery`: teacher + keep indices -> a stock HF model;
+  `sliced`: the same model read slice by slice from the teacher's safetensors files, never loading the teacher.
 - `plan`: `PruningPlan` (`pruning.json`); `student`: `build_student`, the one way a student is built.
 
 May import the leaf modules (arch, errors, runtime, teacher, _lazy), families and `distill.losses` (the one
@@ -28,6 +29,7 @@ from nas_minitron.prune.keep import DEPTH_METHODS, KeepIndices, keep_all, keep_f
 from nas_minitron.prune.lm_loss import batch_losses, removal_losses, skipped_layers, token_loss_sum
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan, plan_for, save_student, target_arch
 from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.prune.sliced import is_safetensors_dir, slice_student
 from nas_minitron.prune.student import build_student
 from nas_minitron.prune.surgery import check_target, materialize
 
@@ -48,6 +50,7 @@ __all__ = [
     "check_target",
     "compute_importance",
     "importance_hooks",
+    "is_safetensors_dir",
     "keep_all",
     "keep_from_scores",
     "magnitude_scores",
@@ -58,6 +61,7 @@ __all__ = [
     "reusable_scores",
     "save_student",
     "skipped_layers",
+    "slice_student",
     "target_arch",
     "token_loss_sum",
 ]

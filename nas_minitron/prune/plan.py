@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,7 @@ def target_arch(teacher_config: dict[str, Any], arch_name: str) -> ArchConfig:
 
 
 def plan_for(
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | Mapping[str, Any],
     teacher_spec: str,
     target: ArchConfig,
     scores: ImportanceScores,
@@ -102,8 +103,11 @@ def plan_for(
     rescale_norms: bool = True,
     importance_dir: str | None = None,
 ) -> PruningPlan:
-    """Choose kept indices from `scores` (any criterion) for `target`."""
-    config = teacher.config.to_dict()
+    """Choose kept indices from `scores` (any criterion) for `target`.
+
+    `teacher` is a model or just its config dict (`read_teacher_config`): choosing needs no weights.
+    """
+    config = dict(teacher) if isinstance(teacher, Mapping) else teacher.config.to_dict()
     family, t_arch = describe(config)
     expected = (t_arch.num_hidden_layers, t_arch.num_attention_heads, t_arch.intermediate_size, t_arch.hidden_size)
     got = (scores.heads.shape[0], scores.heads.shape[1], scores.neurons.shape[1], scores.channels.shape[0])
