@@ -11,12 +11,19 @@ from typing import Any
 
 from nas_minitron.errors import UserError
 
-__all__ = ["DTYPES", "IS_LOSSES", "DistillConfig", "DistillResult", "EvalPoint", "NonFiniteLossError", "StepInfo"]
+__all__ = ["DTYPES", "IS_LOSSES", "MASTER_WEIGHTS", "DistillConfig", "DistillResult", "EvalPoint",
+           "NonFiniteLossError", "StepInfo"]
 
 DTYPES = ("float32", "bf16")
 IS_LOSSES = ("none", "cosine", "mse")
-# Fields that do not change the training trajectory; a resumed run may change them.
-_NOT_FINGERPRINTED = ("keep_last_k", "num_val_sequences", "eval_every_tokens")
+MASTER_WEIGHTS = ("fp32", "model")
+# Fields that do not change the training trajectory; a resumed run may change them. The loss chunk changes only
+# float rounding (so a run that ran out of memory may resume with a smaller one).
+_NOT_FINGERPRINTED = ("keep_last_k", "num_val_sequences", "eval_every_tokens", "loss_chunk_tokens",
+                      "checkpoint_minutes")
+# Fields added after checkpoints existed: left out of the fingerprint at their default, so that a checkpoint written
+# before they existed (whose run behaved as the default does on a float32 student) still resumes.
+_FINGERPRINTED_UNLESS_DEFAULT = {"master_weights": "fp32"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,6 +83,18 @@ class DistillConfig:
     """recompute activations in backward to save memory"""
     keep_last_k: int = 2
     """checkpoints kept on disk"""
+    master_weights: str = "fp32"
+    """fp32: the student's trainable parameters (hence gradients and AdamW state) are held in float32, cast once
+    at the start when they are lower precision; compute follows `dtype` (bf16 autocast). model: keep the
+    parameters' own dtype (pure bf16 training for a bf16 student: small updates round away; kept for comparison)"""
+    loss_chunk_tokens: int = 1024
+    """token positions per chunk of the KD and LM losses: no float32 tensor larger than chunk x vocab exists, and
+    each chunk's logits are recomputed in backward. 1024 keeps one float32 chunk at 0.5 GB for a 128k vocabulary
+    (a few such tensors live at once) while each chunk's head matmul stays large enough to fill a GPU; any value
+    gives the same losses up to float rounding"""
+    checkpoint_minutes: float = 0.0
+    """also checkpoint every this many minutes of wall time, rank 0's clock deciding for all ranks (0 = only at
+    validation points); not part of the fingerprint: a resumed run may change it"""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -95,6 +114,10 @@ class DistillConfig:
             out.append(f"warmup_fraction must be in [0, 1) but got {self.warmup_fraction!r}")
         if self.dtype not in DTYPES:
             out.append(f"dtype must be one of {DTYPES} but got {self.dtype!r}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            out.append(f"master_weights must be one of {MASTER_WEIGHTS} but got {self.master_weights!r}")
+        if int(self.loss_chunk_tokens) < 1:
+            out.append(f"loss_chunk_tokens must be >= 1 but got {self.loss_chunk_tokens!r}")
         if self.is_loss not in IS_LOSSES:
             out.append(f"is_loss must be one of {IS_LOSSES} but got {self.is_loss!r}")
         if self.topk < 0 or self.eval_every_tokens < 0:
@@ -126,6 +149,9 @@ class DistillConfig:
     def fingerprint(self) -> str:
         """sha256 of the settings that shape the trajectory: a checkpoint resumes only under the same one."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        for name, default in _FINGERPRINTED_UNLESS_DEFAULT.items():
+            if data[name] == default:
+                del data[name]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,6 +197,12 @@ class DistillResult:
     num_steps: int
     wall_s: float
     resumed_from_step: int | None = None
+    device: str | None = None
+    """where the student trained, e.g. `cpu`, `cuda:0` (None in records written before it was recorded)"""
+    param_dtype: str | None = None
+    """dtype of the student's trainable parameters while training (`float32` with fp32 master weights)"""
+    compute_dtype: str | None = None
+    """dtype of the forward/backward matmuls: `bfloat16` under bf16 autocast, else the parameters' dtype"""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,6 +212,9 @@ class DistillResult:
             "val_kl": _json_float(self.val_kl),
             "wall_s": self.wall_s,
             "resumed_from_step": self.resumed_from_step,
+            "device": self.device,
+            "param_dtype": self.param_dtype,
+            "compute_dtype": self.compute_dtype,
             "curve": [p.to_dict() for p in self.curve],
         }
 
@@ -194,6 +229,9 @@ class DistillResult:
             num_steps=data["num_steps"],
             wall_s=data["wall_s"],
             resumed_from_step=data.get("resumed_from_step"),
+            device=data.get("device"),
+            param_dtype=data.get("param_dtype"),
+            compute_dtype=data.get("compute_dtype"),
         )
 
 

@@ -3,7 +3,8 @@
 `shard_student` applies `fully_shard` to every decoder layer and then to the root, so that embeddings, final norm
 and lm_head (tied or not) form the root's group. Parameters become DTensors sharded on dim 0; the model keeps its
 FQNs and stays an HF model (class renamed `FSDP<Class>`), so `getattr(student, "module", student)` is the model.
-Tested on CPU with 2 gloo workers (torch 2.13); meant for GPUs with NCCL, not tested there.
+Mixed precision: bf16 compute over fp32 master weights, gradients reduced in fp32 (`mixed_precision_policy`).
+Tested on CPU with 2 gloo workers (torch 2.13), bf16 policy included; meant for GPUs with NCCL, not tested there.
 
 Everything that reads or writes whole tensors goes through full state dicts keyed by FQN
 (`torch.distributed.checkpoint.state_dict`): gathering is a collective that every rank must enter; the result
@@ -34,15 +35,32 @@ else:
     dtensor = lazy_import("torch.distributed.tensor")
 
 __all__ = ["clip_grad_norm_", "full_optimizer_state", "full_student_state", "is_sharded", "load_full_optimizer",
-           "load_full_student", "shard_student"]
+           "load_full_student", "mixed_precision_policy", "shard_student"]
 
 
-def shard_student(model: PreTrainedModel, device_type: str) -> None:
-    """Shard `model` in place over all ranks of the default process group (one FSDP group per decoder layer)."""
+def mixed_precision_policy(bf16: bool) -> torch_fsdp.MixedPrecisionPolicy:
+    """FSDP2's precision policy: bf16 compute with fp32 gradient reduction when `bf16`, else all fp32.
+
+    The sharded parameters stay fp32 either way (the master weights the optimizer steps, and so fp32 AdamW state);
+    under bf16 each layer's all-gather casts them to bf16 for forward and backward, and gradients are reduce-scattered
+    in fp32 into fp32 shards. The same regime as the single-process trainer: fp32 weights under bf16 autocast.
+    """
+    if not bf16:
+        return torch_fsdp.MixedPrecisionPolicy()
+    return torch_fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_student(model: PreTrainedModel, device_type: str, *, bf16: bool = False) -> None:
+    """Shard `model` in place over all ranks of the default process group (one FSDP group per decoder layer).
+
+    `bf16`: compute in bf16 over fp32 master weights (`mixed_precision_policy`); pass it when the run's
+    `DistillConfig.dtype` is bf16. Runs on CPU with gloo too (tested there) and on GPUs with NCCL.
+    """
     mesh = device_mesh.init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = mixed_precision_policy(bf16)
     for layer in get_family(model.config.model_type).decoder_layers(model):
-        torch_fsdp.fully_shard(layer, mesh=mesh)
-    torch_fsdp.fully_shard(model, mesh=mesh)
+        torch_fsdp.fully_shard(layer, mesh=mesh, mp_policy=policy)
+    torch_fsdp.fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

@@ -3,6 +3,10 @@
 `DistillObjective` owns the only trainable state besides the student (the linear projection of student hidden
 states to the teacher's width, used by the intermediate-state loss) and turns a batch of tokens into a loss, from
 a live teacher or from a teacher-logit cache.
+
+Neither the training loss nor validation builds full logits [B, T, V]: the student's and the teacher's bodies run
+to their final hidden states, and `losses.chunked_logit_losses` applies the lm_heads chunk by chunk
+(`DistillConfig.loss_chunk_tokens`). The teacher runs frozen: under no_grad, without a KV cache.
 """
 
 from __future__ import annotations
@@ -10,18 +14,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.distill.config import DistillConfig
+from nas_minitron.distill.fsdp import is_sharded
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.losses import (
-    forward_kl,
+    TeacherTargets,
+    chunked_logit_losses,
     intermediate_state_loss,
-    next_token_loss,
-    topk_forward_kl,
-    topk_targets,
+    next_token_targets,
+    teacher_topk_targets,
 )
+from nas_minitron.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +35,44 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")
 
-__all__ = ["build_objective", "validate"]
+__all__ = ["build_objective", "final_hidden", "output_head", "validate"]
+
+Head = Callable[["torch.Tensor"], "torch.Tensor"]
+
+
+def output_head(model: torch.nn.Module) -> Head:
+    """The lm_head of an HF causal LM (or of the model inside a DDP wrapper): [.., H] -> [.., V].
+
+    `get_output_embeddings()` is the lm_head of every supported family, tied to the input embeddings or not. A
+    family that post-processes its logits (final soft-capping) would not be reproduced by the chunked losses, so it
+    is refused.
+    """
+    inner = cast("PreTrainedModel", getattr(model, "module", model))
+    if getattr(inner.config, "final_logit_softcapping", None):
+        raise UserError(f"{inner.config.model_type!r} soft-caps its logits, which the chunked distillation losses do "
+                        f"not reproduce; supported: llama, mistral, qwen2, qwen3.")
+    head = inner.get_output_embeddings()
+    assert head is not None, "a causal LM without output embeddings"
+    return cast("Head", head)
+
+
+def final_hidden(
+    model: torch.nn.Module, tokens: torch.Tensor, want_states: bool = False
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The final hidden states [B, T, H] (after the final norm) of tokens [B, T], and all layers' when asked.
+
+    A plain model runs only its body (`get_decoder()`), so no logits are computed at all. A model inside a DDP
+    wrapper or sharded with FSDP2 must run its own forward (DDP prepares gradient sync there, FSDP2 gathers the
+    root's parameters there): it computes the logits of the last position only (`logits_to_keep=1`) and hands
+    its hidden states back. Never with a KV cache.
+    """
+    inner = getattr(model, "module", model)
+    if inner is model and not is_sharded(model):
+        body = cast("PreTrainedModel", model).get_decoder()
+        out = body(input_ids=tokens, use_cache=False, output_hidden_states=want_states)
+        return out.last_hidden_state, (out.hidden_states if want_states else None)
+    out = model(input_ids=tokens, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1], (out.hidden_states if want_states else None)
 
 
 def _teacher_targets(
@@ -38,26 +81,25 @@ def _teacher_targets(
     cache: LogitCache | None,
     config: DistillConfig,
     want_states: bool,
-) -> dict[str, Any]:
-    """Teacher logits (or top-k log-probs + indices) and hidden states for tokens [B, T]; the cache wins."""
+) -> tuple[TeacherTargets, tuple[torch.Tensor, ...] | None]:
+    """KD targets of the B * T positions of tokens [B, T] and the teacher's hidden states (when wanted).
+
+    The cache wins when no hidden states are needed. From a live teacher: its final hidden states and lm_head
+    (full KD), or its top-k log-probs computed chunk by chunk (top-k KD).
+    """
     if cache is not None and not want_states:
         logprobs, indices = cache.lookup(tokens)  # [B, T, k] each
-        return {"logprobs": logprobs.to(tokens.device), "indices": indices.to(tokens.device)}
+        k = logprobs.shape[-1]
+        return TeacherTargets(logprobs=logprobs.to(tokens.device).reshape(-1, k),
+                              indices=indices.to(tokens.device).reshape(-1, k)), None
     assert teacher is not None, "no teacher and no logit cache: KD targets are unavailable"
     with torch.no_grad():
-        out = teacher(input_ids=tokens, output_hidden_states=want_states)
-    targets: dict[str, Any] = {"states": out.hidden_states if want_states else None}
+        hidden, states = final_hidden(teacher, tokens, want_states)  # [B, T, H_t]
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H_t]
+    head = output_head(teacher)
     if config.topk:
-        targets["logprobs"], targets["indices"] = topk_targets(out.logits, config.topk)
-    else:
-        targets["logits"] = out.logits
-    return targets
-
-
-def _kd_loss(student_logits: torch.Tensor, targets: dict[str, Any], temperature: float) -> torch.Tensor:
-    if "logits" in targets:
-        return forward_kl(student_logits, targets["logits"], temperature)
-    return topk_forward_kl(student_logits, targets["logprobs"], targets["indices"], temperature)
+        return teacher_topk_targets(hidden, head, config.topk, config.loss_chunk_tokens), states
+    return TeacherTargets(hidden=hidden, head=head), states
 
 
 def build_objective(
@@ -87,21 +129,29 @@ def build_objective(
             cache: LogitCache | None,
         ) -> tuple[torch.Tensor, dict[str, float]]:
             want_states = self.layer_map is not None
-            out = student(input_ids=tokens, output_hidden_states=want_states)
-            parts: dict[str, torch.Tensor] = {}
-            total = out.logits.new_zeros((), dtype=torch.float32)
+            hidden, states = final_hidden(student, tokens, want_states)  # [B, T, H]
+            targets, teacher_states = None, None
             if config.kd_weight and (teacher is not None or cache is not None):
-                targets = _teacher_targets(tokens, teacher, cache, config, want_states)
-                parts["kd"] = _kd_loss(out.logits, targets, config.temperature)
+                targets, teacher_states = _teacher_targets(tokens, teacher, cache, config, want_states)
+            losses = chunked_logit_losses(
+                hidden.reshape(-1, hidden.shape[-1]), output_head(student), config.loss_chunk_tokens,
+                teacher=targets, lm_targets=next_token_targets(tokens) if config.lm_weight else None,
+                temperature=config.temperature,
+            )
+            parts: dict[str, torch.Tensor] = {}
+            total = hidden.new_zeros((), dtype=torch.float32)
+            if "kd" in losses:
+                parts["kd"] = losses["kd"]
                 total = total + config.kd_weight * parts["kd"]
                 if want_states:
-                    parts["is"] = self._state_loss(out.hidden_states, targets["states"])
+                    assert states is not None and teacher_states is not None
+                    parts["is"] = self._state_loss(states, teacher_states)
                     alpha = config.is_alpha
                     if alpha is None:  # the papers' automatic weight: bring L_is to the size of L_logits
                         alpha = (parts["kd"].detach() / parts["is"].detach().clamp(min=1e-8)).item()
                     total = total + alpha * parts["is"]
-            if config.lm_weight:
-                parts["lm"] = next_token_loss(out.logits, tokens)
+            if "lm" in losses:
+                parts["lm"] = losses["lm"]
                 total = total + config.lm_weight * parts["lm"]
             return total, {name: float(value.detach()) for name, value in parts.items()}
 
@@ -127,27 +177,38 @@ def validate(
     cache: LogitCache | None,
     batch_size: int,
     autocast: Callable[[], AbstractContextManager[object]],
+    chunk_tokens: int = DistillConfig.loss_chunk_tokens,
 ) -> tuple[float, float]:
     """Student LM loss and KL to the teacher on held-out sequences [N, T] (NaN KL without a teacher or cache).
 
-    With a teacher the KL is the full one; with only a top-k cache it is the top-k + rest KL of the cache.
+    With a teacher the KL is the full one; with only a top-k cache it is the top-k + rest KL of the cache. Both
+    by chunks of `chunk_tokens` positions, under no_grad.
     """
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     loss_sum = kl_sum = 0.0
     num_batches = 0.0
+    head = output_head(student)
     with torch.no_grad(), autocast():
         for start in range(0, val_sequences.shape[0], batch_size):
             tokens = val_sequences[start : start + batch_size].to(device)  # [b, T]
-            logits = student(input_ids=tokens).logits  # [b, T, V]
-            weight = tokens.shape[0] / batch_size  # a short last batch counts for its size
-            loss_sum += float(next_token_loss(logits, tokens)) * weight
+            hidden, _ = final_hidden(student, tokens)  # [b, T, H]
+            targets: TeacherTargets | None = None
             if teacher is not None:
-                kl_sum += float(forward_kl(logits, teacher(input_ids=tokens).logits)) * weight
+                t_hidden, _ = final_hidden(teacher, tokens)  # [b, T, H_t]
+                targets = TeacherTargets(hidden=t_hidden.reshape(-1, t_hidden.shape[-1]), head=output_head(teacher))
             elif cache is not None:
-                logprobs, indices = cache.lookup(tokens)
-                kl_sum += float(topk_forward_kl(logits, logprobs.to(device), indices.to(device))) * weight
+                logprobs, indices = cache.lookup(tokens)  # [b, T, k] each
+                k = logprobs.shape[-1]
+                targets = TeacherTargets(logprobs=logprobs.to(device).reshape(-1, k),
+                                         indices=indices.to(device).reshape(-1, k))
+            losses = chunked_logit_losses(hidden.reshape(-1, hidden.shape[-1]), head, chunk_tokens, teacher=targets,
+                                          lm_targets=next_token_targets(tokens))
+            weight = tokens.shape[0] / batch_size  # a short last batch counts for its size
+            loss_sum += float(losses["lm"]) * weight
+            if targets is not None:
+                kl_sum += float(losses["kd"]) * weight
             num_batches += weight
     student.train(was_training)
     kl = kl_sum / num_batches if (teacher is not None or cache is not None) else math.nan

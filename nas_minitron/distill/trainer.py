@@ -4,10 +4,19 @@
 ones, `nas-minitron correct-teacher` for LM fine-tuning (no teacher, lm_weight only). The order of work is fixed:
 check inputs -> seed -> build optimizer/schedule -> resume -> validate at step 0 -> train -> validate + checkpoint
 every `eval_every_tokens` -> final validation.
+
+Precision: with `master_weights="fp32"` (the default) the student's trainable parameters are float32 (cast once,
+in place, when they arrive in a lower precision, as transformers 5 loads bf16 hub checkpoints), so gradients and
+AdamW state are float32 too; `dtype="bf16"` runs forward and backward under bf16 autocast. The teacher is frozen
+(`requires_grad_(False)`, eval, no KV cache, no_grad) and, on CUDA under bf16, cast to bf16 (on CPU it keeps its
+dtype). Checkpoints hold the float32 master weights (so a resumed run is bit-exact); the student is handed back
+with them, so a student saved after `distill()` is float32 unless its caller casts it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import random
 import time
@@ -30,14 +39,18 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
     import torch.distributed as dist
+    import torch.distributed.tensor as dtensor
     from torch.nn.parallel import DistributedDataParallel
     from transformers import PreTrainedModel
 else:
     np = lazy_import("numpy")
     torch = lazy_import("torch")
     dist = lazy_import("torch.distributed")
+    dtensor = lazy_import("torch.distributed.tensor")
 
 __all__ = ["DistillConfig", "DistillResult", "EvalPoint", "NonFiniteLossError", "StepInfo", "distill"]
+
+_LOG = logging.getLogger(__name__)
 
 
 class _BatchStream:
@@ -133,14 +146,71 @@ def _schedule(config: DistillConfig, num_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(student: PreTrainedModel, objective: torch.nn.Module, config: DistillConfig) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (norm weights and biases are not decayed)."""
+def _optimizer(student: PreTrainedModel, objective: torch.nn.Module, config: DistillConfig,
+               device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (norm weights and biases are not decayed); fused on CUDA, foreach on CPU.
+
+    Its state (exp_avg, exp_avg_sq) takes the parameters' dtype: float32 with fp32 master weights. The multi-tensor
+    kernels refuse a list mixing DTensors and plain tensors, so with an FSDP-sharded student the objective's plain
+    projection gets groups of its own (a plain student keeps the two groups its checkpoints were written with).
+    """
     params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
     unique = list({id(p): p for p in params}.values())  # tied embeddings appear once
     decay = [p for p in unique if p.dim() >= 2]
     no_decay = [p for p in unique if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    pairs = [(decay, config.weight_decay), (no_decay, 0.0)]
+    if is_sharded(student):
+        pairs = [(part, decay_rate) for group, decay_rate in pairs for part in _split_sharded(group) if part]
+    groups = [{"params": group, "weight_decay": decay_rate} for group, decay_rate in pairs]
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, **kernel)
+
+
+def _split_sharded(params: list[torch.nn.Parameter]) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(DTensor parameters, plain ones), each in the given order."""
+    is_dtensor = [isinstance(p, dtensor.DTensor) for p in params]
+    return ([p for p, d in zip(params, is_dtensor, strict=True) if d],
+            [p for p, d in zip(params, is_dtensor, strict=True) if not d])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _trainable_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    return {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
+
+
+def _hold_master_weights(student: torch.nn.Module, model: PreTrainedModel, config: DistillConfig) -> str | None:
+    """Cast the student's lower-precision trainable parameters to float32 in place (fp32 master weights).
+
+    Returns a line saying what was cast (None when nothing was). In place through `.data`, so tied embeddings stay
+    one parameter and the caller's model object is the trained one. A DDP-wrapped or FSDP-sharded student must
+    arrive in float32: its wrapper has laid out gradient buckets or shards for the dtype it saw.
+    """
+    low = {d for d in _trainable_dtypes(model) if d != torch.float32}
+    if config.master_weights != "fp32" or not low:
+        return None
+    names = ", ".join(sorted(_dtype_name(d) for d in low))
+    if student is not model or is_sharded(model):
+        raise UserError(f"a DDP-wrapped or FSDP-sharded student has {names} parameters; fp32 master weights need it "
+                        f"loaded in float32 before wrapping (or master_weights='model').")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return f"student parameters cast {names} -> float32 (fp32 master weights)"
+
+
+def _freeze_teacher(teacher: PreTrainedModel, config: DistillConfig, device: torch.device) -> str | None:
+    """Frozen teacher: no gradients, eval mode; bf16 on CUDA under bf16 compute. Returns a line when it was cast."""
+    teacher.requires_grad_(False)
+    teacher.eval()
+    dtypes = {p.dtype for p in teacher.parameters() if p.is_floating_point()}
+    if device.type != "cuda" or config.dtype != "bf16" or dtypes == {torch.bfloat16}:
+        return None
+    teacher.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
+    return f"teacher cast {', '.join(sorted(_dtype_name(d) for d in dtypes))} -> bfloat16 on {device}"
 
 
 def _check_inputs(
@@ -158,6 +228,10 @@ def _check_inputs(
         raise UserError("the intermediate-state loss needs a live teacher (a logit cache holds no hidden states).")
     if config.kd_weight and config.lm_weight == 0 and teacher is None and cache is None:
         raise UserError("KD needs a teacher or a logit cache; for LM training alone set kd_weight=0, lm_weight>0.")
+    if teacher is not None:
+        s_device, t_device = next(student.parameters()).device, next(teacher.parameters()).device
+        if s_device != t_device:
+            raise UserError(f"the teacher is on {t_device} but the student on {s_device}; put both on one device.")
     if val_sequences.dim() != 2 or val_sequences.shape[0] < 1:
         raise UserError(f"validation sequences must be a non-empty [N, T] tensor but got {list(val_sequences.shape)}.")
 
@@ -187,6 +261,7 @@ def distill(
     on_checkpoint: Callable[[Path], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     layer_map: tuple[int, ...] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> DistillResult:
     """Distill `teacher` (or its `logit_cache`) into `student` in place within `config.num_tokens` tokens.
 
@@ -196,7 +271,9 @@ def distill(
     matched to student layer i by the intermediate-state loss (default: evenly spaced). `student` may be wrapped in
     DistributedDataParallel or sharded with FSDP2 (`nas_minitron.distill.fsdp.shard_student`); every rank must then pass
     the same `checkpoint_dir` (or None) and only rank 0 writes checkpoints (of the whole student, gathered).
-    Raises NonFiniteLossError on a NaN/Inf loss.
+    Raises NonFiniteLossError on a NaN/Inf loss. `log` receives one line saying where and in which dtypes the run
+    trains (and what was cast); without it the line goes to this module's logger. The result records the same
+    (`device`, `param_dtype`, `compute_dtype`). Precision: see the module docstring.
     """
     # the HF model under a DDP wrapper (FSDP2 shards it in place)
     model = cast("PreTrainedModel", getattr(student, "module", student))
@@ -208,12 +285,27 @@ def distill(
     if config.is_loss == "none":
         layer_map = None
     device = next(model.parameters()).device
+    notes = [_hold_master_weights(student, model, config)]  # before the optimizer sees the parameters
+    if teacher is not None:
+        notes.append(_freeze_teacher(teacher, config, device))
     objective = build_objective(model, teacher, config, layer_map).to(device)
+    where, param_dtype, compute_dtype = _precision(model, config, device)
+    line = (f"distill on {where}: parameters {param_dtype}, compute {compute_dtype}"
+            + "".join(f"; {note}" for note in notes if note))
+    (log or _LOG.info)(line)
     run = _Run(student, model, objective, config, device, teacher, logit_cache)
     run.start(checkpoint_dir if _is_rank_zero() else None, checkpoint_dir, resume, val_sequences, on_eval)
     stream = _BatchStream(train_batches, config.batch_size, config.seq_len)
     stream.skip(run.data_position)
-    return run.train(stream, val_sequences, on_eval, on_checkpoint, on_step)
+    result = run.train(stream, val_sequences, on_eval, on_checkpoint, on_step)
+    return dataclasses.replace(result, device=where, param_dtype=param_dtype, compute_dtype=compute_dtype)
+
+
+def _precision(model: PreTrainedModel, config: DistillConfig, device: torch.device) -> tuple[str, str, str]:
+    """What the run trains with, as DistillResult records it: device, parameter dtype(s), compute dtype."""
+    params = "+".join(sorted(_dtype_name(d) for d in _trainable_dtypes(model))) or "none"
+    compute = "bfloat16" if config.dtype == "bf16" else params
+    return str(device), params, compute
 
 
 class _Run:
@@ -229,7 +321,7 @@ class _Run:
         self.num_steps = config.num_steps(_world_size())
         every = config.eval_every_tokens // self.tokens_per_step if config.eval_every_tokens else self.num_steps
         self.eval_every_steps = max(1, every)
-        self.optimizer = _optimizer(model, objective, config)
+        self.optimizer = _optimizer(model, objective, config, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, self.num_steps))
         self.autocast = _autocast(config, device)
         self.step = self.data_position = 0
@@ -240,11 +332,10 @@ class _Run:
         self.started = time.perf_counter()
         self.checkpoint_dir: Path | None = None  # where this rank writes (None off rank 0)
         self.checkpointing = False  # whether the run checkpoints at all (the same on every rank)
+        self.last_checkpoint_s = 0.0  # wall time of the last checkpoint (config.checkpoint_minutes)
         if config.grad_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
-        if teacher is not None:
-            teacher.eval()
 
     def wall_s(self) -> float:
         return self.wall_s_before + time.perf_counter() - self.started
@@ -264,6 +355,7 @@ class _Run:
             self.curve = [EvalPoint.from_dict(p) for p in state["curve"]]
             self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
             self.wall_s_before, self.resumed_from = float(state["wall_s"]), self.step
+            self.last_checkpoint_s = self.wall_s_before
             return
         point = self._evaluate(val)
         if on_eval is not None:
@@ -272,7 +364,7 @@ class _Run:
     def _evaluate(self, val: torch.Tensor) -> EvalPoint:
         val = val[: self.config.num_val_sequences]
         val_loss, val_kl = validate(self.student, val, self.teacher, self.cache, self.config.batch_size,
-                                    self.autocast)
+                                    self.autocast, self.config.loss_chunk_tokens)
         train_loss = self.loss_sum / self.loss_count if self.loss_count else math.nan
         val_loss, val_kl, train_loss = _same_on_all_ranks(val_loss, val_kl, train_loss)
         self.loss_sum, self.loss_count = 0.0, 0
@@ -301,8 +393,20 @@ class _Run:
         }
         path = save_checkpoint(self.checkpoint_dir, self.step, self.model, self.objective, self.optimizer,
                                self.scheduler, state, self.config.keep_last_k, **full)
+        self.last_checkpoint_s = self.wall_s()
         if on_checkpoint is not None:
             on_checkpoint(path)
+
+    def _checkpoint_due(self) -> bool:
+        """Whether `checkpoint_minutes` of wall time passed since the last checkpoint; rank 0's clock decides
+        (a sharded checkpoint is a collective: every rank must take the same branch)."""
+        if not (self.checkpointing and self.config.checkpoint_minutes):
+            return False
+        due = torch.tensor([float(self.wall_s() - self.last_checkpoint_s >= 60 * self.config.checkpoint_minutes)])
+        if _world_size() > 1:
+            due = due.to(self.device)
+            dist.broadcast(due, src=0)
+        return bool(due.item())
 
     def _train_step(self, stream: _BatchStream) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss."""
@@ -345,6 +449,8 @@ class _Run:
                 self._checkpoint(on_checkpoint)  # before on_eval, so that a search trial reports both together
                 if on_eval is not None:
                     on_eval(point)
+            elif self._checkpoint_due():  # between validations (long full distillations): no eval point to pair
+                self._checkpoint(None)
         last = self.curve[-1]
         return DistillResult(
             curve=tuple(self.curve),

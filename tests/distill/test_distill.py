@@ -187,9 +187,14 @@ def test_save_distilled_writes_a_loadable_student_and_one_record(tmp_path: Path)
                          extra_files={"pruning.json": "{}"})
     record = json.loads((out / "distill.json").read_text())
     assert list(record) == ["teacher", "student", "data", "logit_cache", "config", "num_tokens", "num_steps",
-                            "val_loss", "val_kl", "wall_s", "resumed_from_step", "curve"]
+                            "val_loss", "val_kl", "wall_s", "resumed_from_step", "device", "param_dtype",
+                            "compute_dtype", "curve"]
     assert record["config"] == config.to_dict() and record["student"] is None and record["curve"][0]["step"] == 0
+    assert (record["device"], record["param_dtype"], record["compute_dtype"]) == ("cpu", "float32", "float32")
     assert DistillResult.from_dict(record) == result
+    old = {k: v for k, v in record.items() if k not in ("device", "param_dtype", "compute_dtype")}  # before #12
+    assert DistillResult.from_dict(old) == dataclasses.replace(result, device=None, param_dtype=None,
+                                                               compute_dtype=None)
     assert (out / "pruning.json").read_text() == "{}"
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), student.parameters(), strict=True))
@@ -200,3 +205,28 @@ def test_importing_distill_stays_light() -> None:
             "print(sorted(m for m in ('torch', 'ray', 'transformers', 'numpy', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_time_based_checkpoints_between_validations_resume_exactly(tmp_path: Path) -> None:
+    """checkpoint_minutes: a checkpoint whenever that much wall time has passed (here: every step), even where no
+    validation falls; a run killed between validations resumes from the newest one, bit-exact."""
+    config = _config(eval_every_tokens=4 * SEQ_LEN * 12, checkpoint_minutes=1e-9)  # validation at 0 and 12 only
+    straight, full = _losses_and_curve(_student(), config, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-00000011", "step-00000012"]  # keep_last_k
+    steps: list[float] = []
+
+    def crash(info: StepInfo) -> None:
+        steps.append(info.loss)
+        if info.step == 6:  # the step-5 checkpoint is written; step 6's is not
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(_student(), _data(12), _data(6, seed=9), config, teacher=_teacher(), checkpoint_dir=tmp_path / "b",
+                on_step=crash)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-00000004", "step-00000005"]
+    second, resumed = _losses_and_curve(_student(seed=5), config, tmp_path / "b", resume=True)
+    assert resumed.resumed_from_step == 5 and second == straight[5:]
+    assert [p.val_loss for p in resumed.curve] == [p.val_loss for p in full.curve]
+    untimed = _config(eval_every_tokens=4 * SEQ_LEN * 12)
+    _losses_and_curve(_student(), untimed, tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["step-00000012"]  # off by default

@@ -1,4 +1,5 @@
-"""FSDP2 without Ray: `distill()` in 2 gloo processes on CPU resumes exactly and equals one process.
+"""FSDP2 without Ray: `distill()` in 2 gloo processes on CPU resumes exactly and equals one process; the bf16
+mixed-precision policy computes in bf16 over fp32 parameters and gradients.
 
 The student is a tied-embedding qwen2 narrower than its teacher, so the objective's projection (a plain parameter)
 is optimized and clipped together with the sharded ones.
@@ -60,6 +61,18 @@ def _clipped_norm() -> float:
     return total
 
 
+def _mixed_precision_dtypes() -> dict[str, list[str]]:
+    """Dtypes seen by a student sharded with the bf16 policy: its parameters, its logits (no autocast), its grads."""
+    from nas_minitron.distill.fsdp import shard_student
+
+    _, student = _models()
+    shard_student(student, "cpu", bf16=True)
+    logits = student(_data()[:2]).logits  # [2, T, V]
+    logits.float().logsumexp(-1).mean().backward()
+    return {"params": sorted({str(p.dtype) for p in student.parameters()}), "logits": [str(logits.dtype)],
+            "grads": sorted({str(p.grad.dtype) for p in student.parameters() if p.grad is not None})}
+
+
 def _worker(rank: int, tmp: str) -> None:
     """Straight run into a/, a run that stops after its step-2 checkpoint into b/, its resumption from b/."""
     import torch.distributed as dist
@@ -68,7 +81,7 @@ def _worker(rank: int, tmp: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
-    data, curves = _data(), {"clip_norm": _clipped_norm()}
+    data, curves = _data(), {"clip_norm": _clipped_norm(), "bf16": _mixed_precision_dtypes()}
     for name, directory, resume, student_seed in (("straight", "a", False, 1), ("stopped", "b", False, 1),
                                                   ("resumed", "b", True, 5)):
         teacher, student = _models(student_seed)  # seed 5: the resumed run's weights must come from the checkpoint
@@ -99,6 +112,8 @@ def test_fsdp_resume_in_two_gloo_processes_reproduces_the_uninterrupted_run(tmp_
         assert _without_wall(ranks[0][name]["curve"]) == _without_wall(ranks[1][name]["curve"])
     num_params = sum(p.numel() for p in _models()[1].parameters())  # tied embeddings counted once
     assert ranks[0]["clip_norm"] == pytest.approx(math.sqrt(num_params + 10), rel=1e-6)  # global, not a shard's
+    # the bf16 policy: bf16 compute over fp32 master weights, gradients reduced into fp32 shards
+    assert ranks[0]["bf16"] == {"params": ["torch.float32"], "logits": ["torch.bfloat16"], "grads": ["torch.float32"]}
     straight, resumed = ranks[0]["straight"], ranks[0]["resumed"]
     assert resumed["resumed_from"] == 2
     assert _without_wall(resumed["curve"]) == _without_wall(straight["curve"])  # bit-exact
