@@ -16,6 +16,7 @@ from nas_minitron.commands import (
     candidates,
     correct_teacher,
     distill,
+    dmc,
     evaluate,
     importance,
     inspect,
@@ -37,6 +38,7 @@ _COMMANDS: tuple[tuple[str, ModuleType], ...] = (
     ("importance", importance),
     ("distill", distill),
     ("correct-teacher", correct_teacher),
+    ("dmc", dmc),
     ("eval", evaluate),
     ("report", report),
 )
