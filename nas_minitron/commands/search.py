@@ -6,11 +6,15 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from nas_minitron.pipeline.runner import run_search
+from nas_minitron.errors import UserError
+from nas_minitron.pipeline.plan import describe_plan
+from nas_minitron.pipeline.run_dir import STAGES
+from nas_minitron.pipeline.runner import plan_search, run_search
 from nas_minitron.pipeline.settings import NONE_WORDS, SearchSettings, optional_setting, resolve_settings
 
 __all__ = ["register"]
@@ -49,6 +53,12 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--seed": ("seed", int),
     "--cache-dir": ("cache_dir", str),
     "--device": ("device", str),
+    "--scratch-dir": ("scratch_dir", str),
+    "--full-gpus": ("full_gpus", int),
+    "--full-workers": ("full_workers", int),
+    "--global-batch-tokens": ("global_batch_tokens", int),
+    "--checkpoint-minutes": ("checkpoint_minutes", float),
+    "--gpu-memory-gib": ("gpu_memory_gib", float),
 }
 
 
@@ -98,6 +108,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
     parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<teacher>-<budget>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir, skipping done stages")
+    parser.add_argument("--stop-after", metavar="STAGE", default=None,
+                        help=f"stop once this stage is done ({', '.join(STAGES)}); later stages' checks are left "
+                             "to the --resume that runs them (e.g. train on a GPU cluster, evaluate elsewhere)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resource plan (tokens, CPU RAM, GPU memory per device, disk, time per stage) "
+                             "and exit: no run directory, no Ray; exit 2 when it does not fit")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     parser.set_defaults(func=run)
 
 
@@ -110,7 +127,18 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    report = run_search(settings, run_dir, args.resume, log)
-    print(f"report: {report}")
+    if args.json and not args.dry_run:
+        raise UserError("--json prints the plan of --dry-run; pass --dry-run too.")
+    if args.dry_run:
+        plan = plan_search(settings, run_dir, args.resume, stop_after=args.stop_after)
+        print(json.dumps(plan.to_dict(), indent=1) if args.json else "\n".join(describe_plan(plan)), flush=True)
+        if not plan.fits:
+            raise UserError("the run does not fit: " + "; ".join(plan.problems) + ".")
+        return 0
+    report = run_search(settings, run_dir, args.resume, log, stop_after=args.stop_after)
+    if report is None:
+        print(f"stopped after stage {args.stop_after!r}; continue with --resume --run-dir {run_dir}")
+    else:
+        print(f"report: {report}")
     sys.stdout.flush()
     return 0

@@ -9,7 +9,9 @@ README.md ("Run directory").
 from __future__ import annotations
 
 import csv
+import gc
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,9 +40,11 @@ STAGES = ("candidates", "importance", "logit_cache", "trials", "winners", "disti
 TRIAL_COLUMNS = ("trial_id", "number", "name", "num_hidden_layers", "hidden_size", "intermediate_size",
                  "num_attention_heads", "num_key_value_heads", "params", "status", "wall_s", "num_tokens",
                  "val_loss", "val_kl", "val_loss_step0", "val_kl_step0", "kv_bytes_per_token", "flops_per_token",
-                 "error")
+                 "device", "gpu_ids", "param_dtype", "compute_dtype", "log", "error")
 CURVE_COLUMNS = ("trial_id", "name", "step", "num_tokens", "val_loss", "val_kl")
-WINNER_COLUMNS = ("rank", "name", "params", "val_loss", "val_kl", "path")
+# source: "trial" (continued from its trial's trained weights) or "pruned" (re-cut from the teacher); tokens_seen:
+# tokens its weights had seen when it won (its trial's); total_tokens: trial + full distillation, once distilled.
+WINNER_COLUMNS = ("rank", "name", "params", "val_loss", "val_kl", "path", "source", "tokens_seen", "total_tokens")
 LOCK_FILE = ".lock"  # held (fcntl) by the driver that runs the search in this directory
 
 Log = Callable[[str], None]
@@ -151,7 +155,18 @@ class Run:
         return resolve_device(self.settings.device)
 
     def teacher(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The teacher and tokenizer, loaded once per driver process."""
+        """The teacher and tokenizer, loaded once per driver process (again after `release_teacher`)."""
         if self._teacher is None:
             self._teacher = load_teacher(self.settings.teacher, self.settings.cache_dir, device=self.device())
         return self._teacher
+
+    def release_teacher(self) -> bool:
+        """Drop the driver's teacher and return its GPU memory to the device (for the trials, which Ray may place
+        on the driver's GPU); returns whether one was held. A later `teacher()` loads it again."""
+        held = self._teacher is not None
+        self._teacher = None
+        gc.collect()
+        loaded = sys.modules.get("torch")  # never imports torch only to release nothing
+        if loaded is not None and loaded.cuda.is_initialized():
+            loaded.cuda.empty_cache()
+        return held

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,12 @@ from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import find_tasks, resolve_tasks
 from nas_minitron.families import describe
 from nas_minitron.pipeline import stages
+from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
 from nas_minitron.pipeline.settings import SearchSettings, differences
 from nas_minitron.teacher import load_teacher_config
 
-__all__ = ["run_search"]
+__all__ = ["plan_search", "run_search"]
 
 # The stage functions, by the names STAGES gives them (run_dir.STAGES owns the order).
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
@@ -85,11 +87,30 @@ def _resolve(settings: SearchSettings) -> dict[str, Any]:
             "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"])}
 
 
-def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, new: bool) -> None:
-    """Everything a later stage would refuse, refused now: before the run directory or any work."""
+def _check_scratch_dir(scratch_dir: str | None) -> None:
+    """UserError unless the trials' scratch directory (on this node) is, or can be made, a writable directory.
+
+    Trials on other nodes check their own when they start (a refusal there stops the search with one line)."""
+    if scratch_dir is None:
+        return
+    path = Path(scratch_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--scratch-dir {scratch_dir!r} is a file, not a directory; choose another --scratch-dir.")
+    ancestor = next((p for p in (path.resolve(), *path.resolve().parents) if p.exists()), None)
+    if ancestor is None or not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"--scratch-dir {scratch_dir!r} is not writable: {str(ancestor)!r} is not a writable "
+                        f"directory; choose another --scratch-dir.")
+
+
+def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, new: bool,
+               to_run: tuple[str, ...] = STAGES) -> None:
+    """Everything a later stage would refuse, refused now: before the run directory or any work.
+
+    `to_run`: the stages this invocation may run (all, or up to --stop-after)."""
+    _check_scratch_dir(settings.scratch_dir)
     if new:
         stages.find_candidates(settings, resolved["budget_params"])  # an unreachable budget fails in a second
-    if "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours of training
+    if "eval" in to_run and "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours
         find_tasks(list(resolve_tasks(settings.eval_tasks)))
 
 
@@ -110,25 +131,68 @@ def _lock(run_dir: Path) -> IO[str]:
     return handle
 
 
-def _create(settings: SearchSettings, run_dir: Path, resolved: dict[str, Any]) -> None:
+def _plan(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, to_run: tuple[str, ...]) -> Plan:
+    """The resource plan of the stages still to run, checked against the run directory's free disk and this
+    machine's RAM (GPU sizes against --gpu-memory-gib); reads the teacher's config only."""
+    _, _, found = stages.find_candidates(settings, resolved["budget_params"])
+    students = [StudentShape(c.params, c.arch.num_hidden_layers, c.arch.hidden_size) for c in found]
+    done = set(finished_stages(run_dir))
+    ancestor = next(p for p in (run_dir.resolve(), *run_dir.resolve().parents) if p.exists())
+    free_disk = shutil.disk_usage(ancestor).free
+    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return make_plan(settings, resolved, students, settings.gpu_memory_gib, free_disk_bytes=free_disk,
+                     total_ram_bytes=total_ram, to_run=tuple(s for s in to_run if s not in done))
+
+
+def _refuse_unfit(plan: Plan) -> None:
+    if not plan.fits:
+        raise UserError("the run does not fit: " + "; ".join(plan.problems) + " (see --dry-run).")
+
+
+def _stages_to_run(stop_after: str | None) -> tuple[str, ...]:
+    if stop_after is not None and stop_after not in STAGES:
+        raise UserError(f"--stop-after {stop_after!r} is not a stage; valid: {', '.join(STAGES)}.")
+    return STAGES if stop_after is None else STAGES[: STAGES.index(stop_after) + 1]
+
+
+def plan_search(settings: SearchSettings, run_dir: Path, resume: bool, stop_after: str | None = None) -> Plan:
+    """`--dry-run`: every check `run_search` makes before Ray, and the resource plan; writes nothing, starts
+    nothing. The caller prints the plan and refuses it when it does not fit."""
+    to_run = _stages_to_run(stop_after)
+    new = _check_run_dir(run_dir, resume, settings)
+    resolved = _resolve(settings)
+    _preflight(settings, resolved, run_dir, new, to_run)
+    return _plan(settings, resolved, run_dir, to_run)
+
+
+def _create(settings: SearchSettings, run_dir: Path, resolved: dict[str, Any], plan: Plan) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", resolved)
+    write_json_atomic(run_dir / PLAN_FILE, plan.to_dict())
     write_json_atomic(run_dir / "summary.json", {"teacher": settings.teacher, "budget": settings.budget,
                                                  "data": settings.data, "started_at": now(), "stage_wall_s": {}})
 
 
-def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log = print) -> Path:
-    """Run (or resume) every stage; returns the report's path.
+def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log = print,
+               stop_after: str | None = None) -> Path | None:
+    """Run (or resume) every stage, or those up to `stop_after`; returns the report's path (None when stopped).
 
     Order: read-only checks (run directory, settings against the teacher, candidates, eval tasks), the Ray cluster,
     then the lock, and only then anything written: a refused run leaves nothing behind, and of two drivers started
     on one new directory the second is refused before it writes.
     """
+    to_run = _stages_to_run(stop_after)
     new = _check_run_dir(run_dir, resume, settings)
     resolved = _resolve(settings)
-    _preflight(settings, resolved, run_dir, new)
+    _preflight(settings, resolved, run_dir, new, to_run)
+    plan = _plan(settings, resolved, run_dir, to_run)
+    _refuse_unfit(plan)  # before Ray and before the run directory exists
     log(f"run directory {run_dir} ({'resumed' if not new else 'new'}): teacher {resolved['teacher_arch']}, "
         f"budget {settings.budget} = {resolved['budget_params']:,} parameters")
+    totals = plan.totals()
+    log(f"plan ({PLAN_FILE}): {totals['tokens']:,} tokens, peak CPU RAM {totals['cpu_ram_bytes'] / 2**30:.1f} GiB, "
+        f"GPU {totals['gpu_bytes_per_device'] / 2**30:.1f} GiB/device, disk {totals['disk_bytes'] / 2**30:.2f} GiB, "
+        f"~{totals['seconds'] / 60:.0f} min (estimates; --dry-run for the table)")
     if not stage_marker(run_dir, "trials").is_file():
         stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
     try:
@@ -139,20 +203,21 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
             if _check_run_dir(run_dir, resume, settings) != new:
                 raise UserError(f"run directory {str(run_dir)!r} changed while this search started; rerun it.")
             if new:
-                _create(settings, run_dir, resolved)
+                _create(settings, run_dir, resolved, plan)
             else:
                 write_json_atomic(run_dir / "config.json", resolved)  # late settings (eval) may have changed
+                write_json_atomic(run_dir / PLAN_FILE, plan.to_dict())  # the plan of what this invocation runs
             run = Run(settings, run_dir, resume, log)
-            _run_stages(run)
+            _run_stages(run, to_run)
         finally:
             lock.close()
     finally:
         stages.stop_ray()
-    return Path(run.stage_info("report")["path"])
+    return Path(run.stage_info("report")["path"]) if to_run == STAGES else None
 
 
-def _run_stages(run: Run) -> None:
-    for stage in STAGES:
+def _run_stages(run: Run, to_run: tuple[str, ...] = STAGES) -> None:
+    for stage in to_run:
         if run.done(stage):
             run.log(f"[{stage}] done earlier, skipped")
             continue

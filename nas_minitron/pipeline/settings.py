@@ -24,8 +24,8 @@ from nas_minitron.errors import UserError
 from nas_minitron.search.protocol import SAMPLERS
 from nas_minitron.search.winners import OBJECTIVES
 
-__all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "differences", "optional_setting",
-           "resolve_settings"]
+__all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "differences", "full_distill_workers",
+           "optional_setting", "resolve_settings"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,24 @@ class SearchSettings:
     """where converted GGUF teachers are cached"""
     device: str = "auto"
     """device of the driver's stages (importance, full distillation, eval): auto, cpu, cuda"""
+    scratch_dir: str | None = None
+    """where each trial writes its checkpoint on its node (at most one per trial, deleted when it ends); default:
+    the system temp dir"""
+    full_gpus: int | None = None
+    """GPUs for each winner's full distillation: N >= 1 runs it as a Ray Train job of N workers (FSDP2 across them
+    when N > 1, NCCL, bf16 compute over fp32 weights); 0: a Ray Train job on --full-workers CPU workers; none: in the
+    driver process on --device (or on CPU workers when --full-workers > 1)"""
+    full_workers: int = 1
+    """CPU workers (gloo, FSDP2 when > 1) for each winner's full distillation when --full-gpus is 0 or none; 1 with
+    --full-gpus none: in the driver process"""
+    global_batch_tokens: int | None = None
+    """tokens one optimizer step of the full distillation sees over all its workers (gradient accumulation); a
+    multiple of seq_len x batch_size x workers; none: one micro-batch per worker"""
+    checkpoint_minutes: float | None = None
+    """also checkpoint the full distillation every this many minutes of wall time (the last 2 are kept); none: only
+    at its validation points"""
+    gpu_memory_gib: float = 80.0
+    """memory of one GPU (GiB) that the resource plan (pipeline/plan.py) checks trials and full distillation against"""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -103,7 +121,8 @@ class SearchSettings:
 
 # Keys that may change on --resume: they decide where and how fast the run goes, not what it computes.
 RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "gpus_per_trial", "storage",
-                          "cache_dir", "device"})
+                          "cache_dir", "device", "scratch_dir", "full_gpus", "full_workers", "checkpoint_minutes",
+                          "gpu_memory_gib"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
 LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
@@ -166,6 +185,8 @@ def _validate(s: SearchSettings) -> None:
             problems.append(f"{key} must be >= 1 or none, but got {value!r}")
     if not (math.isfinite(s.gpus_per_trial) and s.gpus_per_trial >= 0):
         problems.append(f"gpus_per_trial must be a number >= 0 (a fraction shares a GPU), but got {s.gpus_per_trial!r}")
+    if not (math.isfinite(s.gpu_memory_gib) and s.gpu_memory_gib > 0):
+        problems.append(f"gpu_memory_gib must be a number > 0, but got {s.gpu_memory_gib!r}")
     if not (math.isfinite(s.lr) and 0 < s.lr <= 1):
         problems.append(f"lr must be in (0, 1], but got {s.lr!r}")
     if s.tolerance is not None and not (math.isfinite(s.tolerance) and 0 < s.tolerance < 1):
@@ -185,8 +206,40 @@ def _validate(s: SearchSettings) -> None:
         problems.append(f"winners ({s.winners}) cannot exceed trials ({s.trials})")
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"device must be auto, cpu or cuda, but got {s.device!r}")
+    problems.extend(_full_distill_problems(s))
     if problems:
         raise UserError("; ".join(problems) + ".")
+
+
+def full_distill_workers(s: SearchSettings) -> tuple[int, bool]:
+    """(workers, on GPUs) of each winner's full distillation: --full-gpus GPUs, else --full-workers CPU workers."""
+    if s.full_gpus:
+        return s.full_gpus, True
+    return s.full_workers, False
+
+
+def _full_distill_problems(s: SearchSettings) -> list[str]:
+    """The full distillation's settings: worker counts, the global batch, the checkpoint period."""
+    problems = []
+    if s.full_gpus is not None and s.full_gpus < 0:
+        problems.append(f"full_gpus must be >= 0 or none, but got {s.full_gpus!r}")
+    if s.full_workers < 1:
+        problems.append(f"full_workers must be >= 1, but got {s.full_workers!r}")
+    elif s.full_gpus and s.full_workers > 1:
+        problems.append(f"full_workers ({s.full_workers}) counts CPU workers; with full_gpus {s.full_gpus} the "
+                        f"workers are the GPUs: drop --full-workers or pass --full-gpus 0")
+    if s.checkpoint_minutes is not None and not (math.isfinite(s.checkpoint_minutes) and s.checkpoint_minutes > 0):
+        problems.append(f"checkpoint_minutes must be > 0 or none, but got {s.checkpoint_minutes!r}")
+    if s.global_batch_tokens is not None and not problems and s.seq_len >= 1 and s.batch_size >= 1:
+        workers, _ = full_distill_workers(s)
+        micro = s.seq_len * s.batch_size * workers
+        if s.global_batch_tokens < micro or s.global_batch_tokens % micro:
+            problems.append(f"global_batch_tokens must be a positive multiple of seq_len x batch_size x workers = "
+                            f"{s.seq_len} x {s.batch_size} x {workers} = {micro}, but got {s.global_batch_tokens!r}")
+        elif s.global_batch_tokens > s.full_tokens:
+            problems.append(f"global_batch_tokens ({s.global_batch_tokens}) exceeds full_tokens ({s.full_tokens}): "
+                            f"the full distillation would not take one step")
+    return problems
 
 
 def differences(saved: Mapping[str, Any], current: SearchSettings, finished: Collection[str] = ()) -> list[str]:

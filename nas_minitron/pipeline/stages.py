@@ -7,7 +7,9 @@ through `Run` / run_dir.py, and returns the extra facts its stage marker records
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -18,25 +20,36 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import atomic_directory
 from nas_minitron.data import save_sequences, take_sequences
-from nas_minitron.distill.config import DistillConfig, EvalPoint
+from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint
 from nas_minitron.distill.logit_cache import build_logit_cache
-from nas_minitron.distill.result import save_distilled
+from nas_minitron.distill.ray_train import check_cluster, distill_ray, fault_after_checkpoint
+from nas_minitron.distill.result import RECORD_FILE, save_distilled
 from nas_minitron.distill.trainer import distill
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import evaluate_model, save_eval
 from nas_minitron.evaluate.speed import measure_speed
 from nas_minitron.pipeline.run_dir import CURVE_COLUMNS, TRIAL_COLUMNS, WINNER_COLUMNS, Run, read_csv, write_csv
-from nas_minitron.pipeline.settings import SearchSettings
+from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers
 from nas_minitron.prune.importance import compute_importance
-from nas_minitron.prune.plan import PLAN_FILE, save_student
+from nas_minitron.prune.plan import PLAN_FILE, PruningPlan, save_student
 from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.prune.sliced import is_safetensors_dir
 from nas_minitron.prune.student import build_student
 from nas_minitron.report.page import write_report
-from nas_minitron.search.protocol import TrialRecord, TrialSpec
+from nas_minitron.search.protocol import (
+    PLACEMENT_KEYS,
+    TrialRecord,
+    TrialSpec,
+    trial_log_path,
+    trial_result_path,
+    trial_weights_path,
+)
 from nas_minitron.search.tune import (
     RayOptions,
     check_resources,
     connect_ray,
+    discard_experiment,
+    fatal_message,
     optuna_numbers,
     run_trials,
     study_storage_url,
@@ -88,6 +101,9 @@ def start_ray(s: SearchSettings, config: dict[str, Any], log: Callable[[str], No
     memory = (4 * int(config["teacher_params"]) + 16 * int(config["budget_params"])
               + 12 * s.batch_size * s.seq_len * vocab + 2**30)
     check_resources(s.cpus_per_trial, s.gpus_per_trial, memory)
+    workers, on_gpus = full_distill_workers(s)
+    if s.full_gpus is not None or workers > 1:  # the winners' Ray Train job must fit too, checked before any work
+        check_cluster(workers, on_gpus, "--full-gpus" if on_gpus else "--full-workers")
 
 
 def stop_ray() -> None:
@@ -166,9 +182,19 @@ def _short_distill_config(run: Run) -> DistillConfig:
     config = DistillConfig(
         num_tokens=s.short_tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr,
         num_val_sequences=s.validation_sequences, seed=s.seed, topk=s.topk if s.topk > 0 else 0,
-        dtype="bf16" if s.gpus_per_trial > 0 else "float32",
+        dtype="bf16" if s.gpus_per_trial > 0 else "float32",  # a trial with a GPU trains on it (worker.py)
+        keep_last_k=1,  # a trial's checkpoints are only for resuming it: the last one is enough
     )
     return validate_at_most(config, s.evals_per_trial)
+
+
+SHAPE_OBJECTIVES = ("params", "kv_bytes_per_token", "flops_per_token")  # objectives candidates.csv holds
+
+
+def _shape_objectives(run: Run) -> dict[str, dict[str, float]]:
+    """The objectives that come from a candidate's shape, by name (the trials report only the trained ones)."""
+    return {row["name"]: {k: float(row[k]) for k in SHAPE_OBJECTIVES if row.get(k) not in (None, "")}
+            for row in run.candidate_rows()}
 
 
 def trial_spec(run: Run) -> TrialSpec:
@@ -189,22 +215,42 @@ def trial_spec(run: Run) -> TrialSpec:
         objectives=tuple(s.objectives),
         cpus_per_trial=s.cpus_per_trial,
         gpus_per_trial=s.gpus_per_trial,
+        scratch_dir=s.scratch_dir,
+        shape_objectives=_shape_objectives(run),
     )
 
 
 def trials(run: Run) -> dict[str, Any]:
+    """Run (or resume) the trials as Ray Tune trials; trials.csv, trial_curves.csv and the kept trial weights.
+
+    The driver's teacher is released first: Ray may place a trial on the driver's GPU. A trial that refuses to run
+    where it was placed (a reserved GPU it cannot see) stops the search with its one-line message.
+    """
     s = run.settings
+    if run.release_teacher():
+        run.log("  released the driver's teacher for the trials")
     spec = trial_spec(run)
     options = RayOptions(address=s.ray_address, max_concurrent=s.max_concurrent, sampler=s.sampler, asha=s.asha,
                          seed=s.seed, storage_url=s.storage)
     baselines = run.stage_info("candidates").get("baselines", [])
-    records = trial_records(run_trials(spec, options, s.trials, baselines, resume=run.resume))
+    grid = run_trials(spec, options, s.trials, baselines, resume=run.resume, log=run.log, num_winners=s.winners)
+    records = trial_records(grid)
     _write_trial_tables(run, records)
+    fatal = fatal_message(records)
+    if fatal:
+        discard_experiment(run.dir)  # --resume after the fix starts the trials anew (finished results are reused)
+        raise UserError(fatal)
     done = sum(r.status == "COMPLETE" for r in records)
     run.log(f"  {len(records)} trials: {done} complete, {len(records) - done} failed or stopped")
     if not done:
         raise UserError(f"no search trial finished; see the errors in {run.path('trials.csv')}.")
-    return {"num_trials": len(records), "num_complete": done}
+    where = {key: sorted({str(r.metrics[key]) for r in records if r.metrics.get(key) not in (None, "")})
+             for key in PLACEMENT_KEYS}
+    run.log(f"  trials ran on {', '.join(where['device']) or '?'} with {', '.join(where['param_dtype']) or '?'} "
+            f"parameters and {', '.join(where['compute_dtype']) or '?'} compute; logs in {run.path('logs', 'trials')}")
+    return {"num_trials": len(records), "num_complete": done, "devices": where["device"],
+            "gpu_ids": where["gpu_ids"], "param_dtypes": where["param_dtype"],
+            "compute_dtypes": where["compute_dtype"], "logs": str(Path("logs") / "trials")}
 
 
 def _write_trial_tables(run: Run, records: list[TrialRecord]) -> None:
@@ -220,6 +266,8 @@ def _write_trial_tables(run: Run, records: list[TrialRecord]) -> None:
             "status": record.status, "wall_s": metrics.get("time_total_s", ""), "num_tokens": metrics.get("num_tokens"),
             "val_loss": metrics.get("val_loss"), "val_kl": metrics.get("val_kl"),
             "val_loss_step0": first.get("val_loss"), "val_kl_step0": first.get("val_kl"),
+            **{key: metrics.get(key, "") for key in PLACEMENT_KEYS},
+            "log": str(trial_log_path(".", name)) if name else "",
             "error": record.error or metrics.get("error", ""),
         })
         seen: dict[int, dict[str, Any]] = {}
@@ -232,8 +280,51 @@ def _write_trial_tables(run: Run, records: list[TrialRecord]) -> None:
 
 
 # ---- winners and their full distillation -------------------------------------------------------------------
+GRAD_CHECKPOINTING_PARAMS = 10**9  # students this large recompute activations in the full distillation
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "config.json", "generation_config.json")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (no second copy of a large student on disk), copying across filesystems.
+
+    Safe because the run directory never rewrites a file in place: every student directory is written anew in an
+    `atomic_directory` and replaces the old one by a rename.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_files(src: Path, dst: Path, skip: Callable[[Path], bool]) -> None:
+    """Link (or copy) the files of `src` into `dst`, except those `skip` names or `dst` already has."""
+    for item in sorted(src.iterdir()):
+        if item.is_file() and not skip(item) and not (dst / item.name).exists():
+            _link_or_copy(item, dst / item.name)
+
+
+def _trial_weights(run: Run, arch_name: str) -> tuple[Path | None, int]:
+    """(the student its trial trained, when the trial kept it; the tokens that student has seen, else 0).
+
+    The contract of `search.worker`: the weights (`trial_weights_path`, with the pruning plan) are written before
+    the result JSON, whose `weights.num_tokens` says how much they were trained; both must be there.
+    """
+    folder, result_file = trial_weights_path(run.dir, arch_name), trial_result_path(run.dir, arch_name)
+    if not ((folder / "config.json").is_file() and (folder / PLAN_FILE).is_file() and result_file.is_file()):
+        return None, 0
+    weights = json.loads(result_file.read_text()).get("weights")
+    if not isinstance(weights, dict) or weights.get("num_tokens") is None:
+        return None, 0
+    return folder, int(weights["num_tokens"])
+
+
 def winners(run: Run) -> dict[str, Any]:
-    """Select the winners from trials.csv and save each one, built exactly as its trial built it."""
+    """Select the winners from trials.csv and save each in winners/<arch>/ with the teacher's tokenizer.
+
+    A winner continues from the student its trial trained (linked from `trial_weights_path`; `source` "trial",
+    `tokens_seen` its trial's tokens) when the trial kept it, else it is re-pruned from the teacher exactly as its
+    trial built it (`source` "pruned", `tokens_seen` 0). `total_tokens` becomes trial + full once it is distilled.
+    """
     s = run.settings
     rows = []
     for row in read_csv(run.path("trials.csv")):
@@ -243,24 +334,39 @@ def winners(run: Run) -> dict[str, Any]:
         rows.append(parsed)
     chosen = select_winners(rows, s.objectives, s.winners)
     spec = trial_spec(run)  # the trials' own pruning options: a winner is the model its trial scored
-    teacher, tokenizer = run.teacher()
-    scores = ImportanceScores.load(run.path("importance"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec.teacher_dir)
     table = []
     for rank, winner in enumerate(chosen, start=1):
         arch = ArchConfig.parse(winner["name"], run.resolved.head_dim)
-        student, plan = build_student(teacher, s.teacher, arch, scores, depth_method=spec.depth_method,
-                                      rescale_norms=spec.rescale_norms, importance_dir=str(run.path("importance")))
+        trained, tokens_seen = _trial_weights(run, arch.name)
         with atomic_directory(run.path("winners", arch.name), overwrite=True) as tmp:
-            save_student(student, tokenizer, plan, tmp)
+            if trained is not None:
+                tokenizer.save_pretrained(tmp)  # first: a link is never written through
+                _link_files(trained, tmp, skip=lambda f: f.name == RECORD_FILE or f.name.startswith("."))
+                plan = PruningPlan.load(tmp / PLAN_FILE)
+            else:  # re-pruned: cut from the teacher's files as the trials cut theirs (the teacher loaded only if
+                # its files are not safetensors)
+                source_teacher: Any = spec.teacher_dir if is_safetensors_dir(spec.teacher_dir) else run.teacher()[0]
+                student, plan = build_student(source_teacher, s.teacher, arch,
+                                              ImportanceScores.load(run.path("importance")),
+                                              depth_method=spec.depth_method, rescale_norms=spec.rescale_norms,
+                                              importance_dir=str(run.path("importance")),
+                                              dtype=torch.float32 if isinstance(source_teacher, str) else None)
+                save_student(student, tokenizer, plan, tmp)
+        source = "trial" if trained is not None else "pruned"
         table.append({"rank": rank, "name": arch.name, "params": plan.params, "val_loss": winner["val_loss"],
-                      "val_kl": winner["val_kl"], "path": str(Path("winners") / arch.name)})
-        run.log(f"  winner {rank}: {arch.name} ({plan.params:,} parameters, val KL {winner['val_kl']:.4f})")
+                      "val_kl": winner["val_kl"], "path": str(Path("winners") / arch.name), "source": source,
+                      "tokens_seen": tokens_seen, "total_tokens": tokens_seen})
+        origin = f"its trial's weights ({tokens_seen:,} tokens)" if trained is not None else "re-pruned"
+        run.log(f"  winner {rank}: {arch.name} ({plan.params:,} parameters, val KL {winner['val_kl']:.4f}), "
+                f"from {origin}")
     write_csv(run.path("winners.csv"), table, WINNER_COLUMNS)
-    return {"winners": [t["name"] for t in table]}
+    return {"winners": [t["name"] for t in table], "sources": [t["source"] for t in table]}
 
 
 def _load_student(folder: Path, device: str) -> PreTrainedModel:
-    student = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    """A saved student in float32 (the master weights a distillation steps) on `device`."""
+    student = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     student.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     return student
 
@@ -272,30 +378,124 @@ def _log_eval(run: Run, name: str) -> Callable[[EvalPoint], None]:
     return log
 
 
-def distill_winners(run: Run) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _FullPlacement:
+    """Where each winner's full distillation runs: in the driver on `device`, or as a Ray Train job."""
+
+    workers: int
+    on_gpus: bool
+    in_driver: bool
+    device: str  # the driver's device, or the workers' kind (cuda / cpu)
+
+    @property
+    def strategy(self) -> str:
+        return "fsdp" if self.workers > 1 else "ddp"  # one Ray worker: nothing to shard or synchronize
+
+    def describe(self) -> str:
+        if self.in_driver:
+            return f"in the driver on {self.device}"
+        kind = "GPU" if self.on_gpus else "CPU"
+        return f"Ray Train, {self.workers} {kind} worker(s), {'FSDP2' if self.workers > 1 else 'one worker'}"
+
+
+def _full_placement(run: Run) -> _FullPlacement:
     s = run.settings
-    teacher, tokenizer = run.teacher()
-    device = run.device()
-    config = validate_at_most(DistillConfig(
+    workers, on_gpus = full_distill_workers(s)
+    if s.full_gpus is None and workers == 1:
+        return _FullPlacement(1, False, True, run.device())
+    return _FullPlacement(workers, on_gpus, False, "cuda" if on_gpus else "cpu")
+
+
+def _full_config(run: Run, params: int, where: _FullPlacement) -> DistillConfig:
+    """The full distillation's settings for a winner of `params` parameters, validated at most
+    `evals_per_trial` times after step 0 over `where.workers` workers."""
+    s = run.settings
+    micro = s.seq_len * s.batch_size * where.workers  # tokens of one micro-batch on every worker
+    config = DistillConfig(
         num_tokens=s.full_tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr,
-        num_val_sequences=s.validation_sequences, seed=s.seed, dtype="bf16" if device == "cuda" else "float32",
-    ), s.evals_per_trial)
+        grad_accum=s.global_batch_tokens // micro if s.global_batch_tokens else 1,
+        num_val_sequences=s.validation_sequences, seed=s.seed,
+        dtype="bf16" if where.device.startswith("cuda") else "float32",
+        grad_checkpointing=params >= GRAD_CHECKPOINTING_PARAMS, checkpoint_minutes=s.checkpoint_minutes or 0.0,
+    )
+    every_steps = max(1, math.ceil(config.num_steps(where.workers) / s.evals_per_trial))
+    return dataclasses.replace(config, eval_every_tokens=every_steps * config.tokens_per_step(where.workers))
+
+
+def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tuple[DistillResult, DistillConfig]:
+    """Fully distill one winner from the weights in its folder and replace the folder with the result.
+
+    The folder is replaced in one rename, with its distill.json written last: that file is the winner's
+    completion marker. A crash leaves the folder as it was and the newest checkpoints in checkpoints/<name>/.
+    """
+    s, name, folder = run.settings, row["name"], run.path(row["path"])
+    config = _full_config(run, int(float(row["params"])), where)
+    checkpoints = run.path("checkpoints", name)
+    run.log(f"  {name}: {where.describe()}, {config.dtype}, {config.grad_accum} micro-batch(es) per step "
+            f"({config.tokens_per_step(where.workers):,} tokens), gradient checkpointing "
+            f"{'on' if config.grad_checkpointing else 'off'}")
+    log = _log_eval(run, name)
+    with atomic_directory(folder, overwrite=True) as tmp:
+        if where.in_driver:
+            teacher, _ = run.teacher()
+            student = _load_student(folder, where.device)
+
+            def on_eval(point: EvalPoint) -> None:
+                log(point)
+                for label in (name, f"winner-{row['rank']}"):  # tests inject a fault by arch name or by rank
+                    fault_after_checkpoint(label, point.step)
+
+            result = distill(student, run.sequences("train"), run.sequences("validation"), config, teacher=teacher,
+                             checkpoint_dir=checkpoints, resume=run.resume, on_eval=on_eval)
+            save_distilled(tmp, student, None, result, config=config, teacher=s.teacher,
+                           student_source=row["path"], data=s.data)
+        else:  # the driver holds no model: every worker loads its own, the token files go by path
+            result = distill_ray(folder, run.data_path("train"), run.data_path("validation"), config,
+                                 storage_path=run.path("ray_train"), num_workers=where.workers,
+                                 use_gpu=where.on_gpus, strategy=where.strategy,
+                                 teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir), out_dir=tmp,
+                                 checkpoint_dir=checkpoints, resume=run.resume, name=name,
+                                 threads_per_worker=max(1, s.cpus_per_trial))
+            for point in result.curve:
+                log(point)
+        # the tokenizer and pruning.json: everything of the old folder that the new student did not replace
+        _link_files(folder, tmp, skip=lambda f: any(f.match(p) for p in _WEIGHT_FILES) or f.name == RECORD_FILE)
+    for done in (checkpoints, run.path("ray_train", name)):
+        shutil.rmtree(done, ignore_errors=True)
+    for parent in (run.path("checkpoints"), run.path("ray_train")):
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+    return result, config
+
+
+def distill_winners(run: Run) -> dict[str, Any]:
+    """Fully distill every winner, continuing from the weights winners/<arch>/ holds (its trial's, or re-pruned).
+
+    In the driver process (default) or, with --full-gpus / --full-workers, as a Ray Train job per winner (FSDP2
+    over several workers, bf16 compute over fp32 weights on GPUs). A winner whose distill.json exists finished
+    earlier and is never retrained (--resume after a crash during winner 2 keeps winner 1 as it is); an unfinished
+    one resumes from its newest checkpoint. Winners run one after another. winners.csv gets each winner's
+    `total_tokens` (trial + full).
+    """
+    s = run.settings
+    where = _full_placement(run)
+    if not where.in_driver:
+        connect_ray(RayOptions(address=s.ray_address))
+        check_cluster(where.workers, where.on_gpus, "--full-gpus" if where.on_gpus else "--full-workers")
+    rows = run.winner_rows()
     results = {}
-    for row in run.winner_rows():
-        folder = run.path(row["path"])
-        student = _load_student(folder, device)
-        result = distill(student, run.sequences("train"), run.sequences("validation"), config, teacher=teacher,
-                         checkpoint_dir=run.path("checkpoints", row["name"]), resume=run.resume,
-                         on_eval=_log_eval(run, row["name"]))
-        plan = (folder / PLAN_FILE).read_text()
-        with atomic_directory(folder, overwrite=True) as tmp:
-            save_distilled(tmp, student, tokenizer, result, config=config, teacher=s.teacher,
-                           student_source=row["path"], data=s.data, extra_files={PLAN_FILE: plan})
-        shutil.rmtree(run.path("checkpoints", row["name"]), ignore_errors=True)
-        if run.path("checkpoints").is_dir() and not any(run.path("checkpoints").iterdir()):
-            run.path("checkpoints").rmdir()
-        results[row["name"]] = {"val_loss": result.val_loss, "val_kl": result.val_kl}
-    return {"results": results}
+    for row in rows:
+        record = run.path(row["path"], RECORD_FILE)
+        if record.is_file():
+            run.log(f"  {row['name']}: distilled earlier, skipped")
+            result, config = DistillResult.from_dict(json.loads(record.read_text())), None
+        else:
+            result, config = _distill_winner(run, row, where)
+        row["total_tokens"] = str(int(row.get("tokens_seen") or 0) + result.num_tokens)
+        results[row["name"]] = {"val_loss": result.val_loss, "val_kl": result.val_kl, "num_tokens": result.num_tokens,
+                                "total_tokens": int(row["total_tokens"]), "skipped": config is None}
+    write_csv(run.path("winners.csv"), rows, WINNER_COLUMNS)
+    return {"results": results, "placement": where.describe(), "workers": where.workers}
 
 
 # ---- evaluation and report ---------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ def _search_sections(run_dir: Path, trials: pd.DataFrame | None, winners: pd.Dat
     else:
         frame = curves if curves is not None else _empty_curves()
         _guarded(curves_s, lambda s: s.figures.append(loss_curve_figure(frame, winners, distill)))
+    if winners is not None:  # source (trial weights or re-pruned), tokens seen in the trial and in all
+        curves_s.tables["winners"] = winners
     if trials is not None:
         curves_s.tables["trials"] = trials
     return [pareto, parallel, ranking, curves_s]

@@ -5,6 +5,8 @@ Modules, in the order data flows through them:
 - `proposals`: Optuna parameters <-> candidates (one u in [0, 1) per axis; every proposal is in budget).
 - `worker`: one trial without Ray in it (build the student, distill it, report).
 - `searcher`: the Optuna searcher Ray pickles (imports ray and optuna at module top: reached lazily).
+- `callbacks`: the driver-side Tune hooks (trial log names, checkpoint cleanup, trial weights kept only for possible
+  winners, the stop on a fatal trial); imports ray at module top, reached lazily.
 - `tune`: the Ray Tune side (cluster, sampler, Tuner, records of finished trials).
 - `winners`: the top K, or the Pareto set over several objectives.
 
@@ -15,14 +17,20 @@ optuna. Imported here: the light modules; `worker` and `tune` are imported by pa
 from nas_minitron.search.proposals import DECISION_ORDER, decode, encode
 from nas_minitron.search.protocol import (
     FAILED_KEY,
+    FATAL_KEY,
     FINAL_KEY,
+    PLACEMENT_KEYS,
     SAMPLERS,
     Report,
     TrialRecord,
     TrialSpec,
+    trial_log_path,
     trial_result_path,
+    trial_scratch_dir,
+    trial_weights_path,
 )
 from nas_minitron.search.winners import OBJECTIVES, pareto_front, select_winners
 
-__all__ = ["DECISION_ORDER", "FAILED_KEY", "FINAL_KEY", "OBJECTIVES", "SAMPLERS", "Report", "TrialRecord", "TrialSpec",
-           "decode", "encode", "pareto_front", "select_winners", "trial_result_path"]
+__all__ = ["DECISION_ORDER", "FAILED_KEY", "FATAL_KEY", "FINAL_KEY", "OBJECTIVES", "PLACEMENT_KEYS", "SAMPLERS",
+           "Report", "TrialRecord", "TrialSpec", "decode", "encode", "pareto_front", "select_winners", "trial_log_path",
+           "trial_result_path", "trial_scratch_dir", "trial_weights_path"]

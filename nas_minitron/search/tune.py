@@ -9,9 +9,10 @@ per Ray trial.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.errors import UserError, first_line
 from nas_minitron.search.proposals import encode
-from nas_minitron.search.protocol import FAILED_KEY, FINAL_KEY, SAMPLERS, TrialRecord, TrialSpec
+from nas_minitron.search.protocol import FAILED_KEY, FATAL_KEY, FINAL_KEY, SAMPLERS, TrialRecord, TrialSpec
 from nas_minitron.search.worker import run_candidate
 
 if TYPE_CHECKING:
@@ -29,16 +30,18 @@ if TYPE_CHECKING:
     from ray import tune
     from ray.tune import schedulers
 
-    from nas_minitron.search import searcher
+    from nas_minitron.search import callbacks, searcher
 else:
     optuna = lazy_import("optuna")
     ray = lazy_import("ray")
     tune = lazy_import("ray.tune")
     schedulers = lazy_import("ray.tune.schedulers")
     searcher = lazy_import("nas_minitron.search.searcher")  # subclasses OptunaSearch: importing it loads ray
+    callbacks = lazy_import("nas_minitron.search.callbacks")  # subclasses Tune's Callback: importing it loads ray
 
-__all__ = ["RayOptions", "check_resources", "close_orphans", "connect_ray", "make_sampler", "optuna_numbers",
-           "run_trials", "study_storage_url", "tpe_startup_trials", "trial_records"]
+__all__ = ["RayOptions", "check_resources", "close_orphans", "connect_ray", "discard_experiment", "fatal_message",
+           "largest_node_gpus", "make_sampler", "optuna_numbers", "run_trials", "study_storage_url",
+           "tpe_startup_trials", "trial_records"]
 
 STUDY_NAME = "nas-minitron"
 EXPERIMENT_NAME = "trials"
@@ -112,13 +115,27 @@ def connect_ray(options: RayOptions) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
+def largest_node_gpus() -> float:
+    """The GPUs of the connected cluster's largest live node: a trial runs on one node, so no more than that."""
+    return max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
 def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial_bytes: int) -> None:
     """UserError before any work when one trial cannot fit the connected Ray cluster."""
     total = ray.cluster_resources()
     if cpus_per_trial > total.get("CPU", 0):
         raise UserError(f"--cpus-per-trial {cpus_per_trial} but the Ray cluster has {total.get('CPU', 0):g} CPUs.")
+    if not gpus_per_trial >= 0:  # also NaN; Ray would wait forever for a negative request
+        raise UserError(f"--gpus-per-trial must be >= 0 (a fraction shares a GPU), but got {gpus_per_trial:g}.")
+    if gpus_per_trial > 1 and not float(gpus_per_trial).is_integer():
+        raise UserError(f"--gpus-per-trial above 1 must be a whole number (Ray shares only fractions of one GPU), "
+                        f"but got {gpus_per_trial:g}.")
     if gpus_per_trial > total.get("GPU", 0):
         raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} GPUs.")
+    per_node = largest_node_gpus()
+    if gpus_per_trial > per_node:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the largest node of the Ray cluster has "
+                        f"{per_node:g} GPUs (a trial runs on one node); valid: 0..{per_node:g}.")
     available = ray.available_resources().get("memory", total.get("memory", 0))
     if available and memory_per_trial_bytes > available:
         raise UserError(
@@ -132,14 +149,19 @@ def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report(metrics, checkpoint=checkpoint)  # copies the checkpoint into the run directory before it returns
 
+    trial_id = str(tune.get_context().get_trial_id() or "")
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()]  # Ray set CUDA_VISIBLE_DEVICES to these
     resume = tune.get_checkpoint()
     if resume is None:
-        run_candidate(config["arch"], spec, report, None)
+        run_candidate(config["arch"], spec, report, None, trial_id=trial_id, gpu_ids=gpu_ids)
         return
     with resume.as_directory() as resume_dir:
-        run_candidate(config["arch"], spec, report, Path(resume_dir))
+        # A trial that ended has an empty checkpoint (callbacks.CheckpointCleaner); restored, it starts over (and a
+        # finished one reuses its result).
+        start = Path(resume_dir) if (Path(resume_dir) / "state.json").is_file() else None
+        run_candidate(config["arch"], spec, report, start, trial_id=trial_id, gpu_ids=gpu_ids)
 
 
 def tpe_startup_trials(num_trials: int) -> int:
@@ -185,20 +207,74 @@ def _search(spec: TrialSpec, options: RayOptions, enqueue: Sequence[str], num_tr
     )
 
 
+def _experiment_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir).resolve() / "ray" / EXPERIMENT_NAME
+
+
+def discard_experiment(run_dir: str | os.PathLike[str]) -> None:
+    """Delete the Ray experiment of a search stopped by a fatal trial, so that `--resume` starts the trials anew.
+
+    Its searcher was told the search is finished, and a restored experiment would stop at once. The Optuna study
+    (its trials are FAIL or finished) and the finished candidates' results (`trial_results/`, reused when proposed
+    again) stay.
+    """
+    shutil.rmtree(_experiment_dir(run_dir), ignore_errors=True)
+
+
+def fatal_message(records: Sequence[TrialRecord]) -> str | None:
+    """The message of the first trial that refused to run where it was placed, if any."""
+    return next((str(r.metrics[FATAL_KEY]) for r in records if r.metrics.get(FATAL_KEY)), None)
+
+
+def _hooks(spec: TrialSpec, log: Callable[[str], None] | None,
+           num_winners: int) -> tuple[list[tune.Callback], tune.Stopper]:
+    keeper = callbacks.WeightsKeeper(spec.run_dir, spec.objectives, num_winners, spec.shape_objectives)
+    hooks = [callbacks.TrialLogNames(spec.run_dir, log), callbacks.CheckpointCleaner(), keeper]
+    return hooks, callbacks.FatalStopper()
+
+
+def _sweep(spec: TrialSpec, hooks: Sequence[tune.Callback], grid: tune.ResultGrid) -> None:
+    """After the experiment: no checkpoint of an ended trial left, no weights of a candidate that cannot win.
+
+    Trials stopped together with the experiment (a fatal stop) may never reach the callbacks' hooks.
+    """
+    for result in _results(grid):
+        if result.path:
+            callbacks.delete_trial_checkpoints(result.path)
+    for hook in hooks:
+        if isinstance(hook, callbacks.WeightsKeeper):
+            hook.prune()
+
+
 def run_trials(
-    spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: Sequence[str], resume: bool
+    spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: Sequence[str], resume: bool, *,
+    log: Callable[[str], None] | None = None, num_winners: int = 1,
 ) -> tune.ResultGrid:
-    """Run (or resume) the trials and return Ray's ResultGrid."""
+    """Run (or resume) the trials and return Ray's ResultGrid.
+
+    Driver-side hooks (search/callbacks.py): each trial's log file is named through `log` as it starts; a trial's
+    checkpoints are deleted once it ends (at most one is kept while it runs); trial weights are kept only for the
+    candidates that can still be among the `num_winners` (or on the Pareto front); a `fatal` report ends the search.
+    """
     storage_path = str(Path(spec.run_dir).resolve() / "ray")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, spec=spec), {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     )
+    hooks, stopper = _hooks(spec, log, num_winners)
+    checkpoint_config = tune.CheckpointConfig(num_to_keep=1)
     experiment = os.path.join(storage_path, EXPERIMENT_NAME)
     if resume and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # The restored run config is the one pickled when the experiment began: this driver's hooks replace its.
+        # Tuner has no public setter; `_local_tuner` is None only under Ray Client (ray://), which keeps the old.
+        local = getattr(tuner, "_local_tuner", None)
+        if local is not None:
+            run_config = local.get_run_config()
+            run_config.callbacks, run_config.stop, run_config.checkpoint_config = hooks, stopper, checkpoint_config
         results = tuner.fit()
         close_orphans(study_storage_url(spec.run_dir, options.storage_url),
                       [r.metrics.get("trial_id", "") for r in _results(results) if r.metrics])
+        _sweep(spec, hooks, results)
         return results
     scheduler = None
     if options.asha and len(spec.objectives) == 1:
@@ -219,11 +295,15 @@ def run_trials(
             name=EXPERIMENT_NAME,
             storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoint_config,
+            callbacks=hooks,
+            stop=stopper,
             verbose=1,
         ),
     )
-    return tuner.fit()
+    results = tuner.fit()
+    _sweep(spec, hooks, results)
+    return results
 
 
 def _results(grid: tune.ResultGrid) -> list[tune.Result]:

@@ -4,6 +4,15 @@
 checkpoint directory) to Tune. Everything heavy is read from the run directory by path: the teacher weights, the
 importance scores, the token tensors and the teacher-logit cache, so trials share them and hold no teacher.
 
+Where a trial runs: with `gpus_per_trial > 0` on the CUDA device Ray assigned it (Ray's CUDA_VISIBLE_DEVICES leaves
+only that GPU, so it is `cuda:0`), fp32 weights and bf16 compute; it refuses at once, with one `FATAL_KEY` report,
+when no CUDA device is visible. Every report carries the `PLACEMENT_KEYS`. The trial's stdout and stderr, at the
+file-descriptor level (C libraries included), go to `protocol.trial_log_path`.
+
+What a trial leaves on disk: its result JSON (`trial_result_path`) and, written just before it, its trained
+student (`trial_weights_path`); its checkpoints live in a scratch directory on its node (`trial_scratch_dir`) only
+until Ray has copied them into the run directory, and the scratch directory is removed when the trial ends.
+
 Fault injection for tests (environment variables, ignored unless set):
   NAS_MINITRON_FAULT_NAN=<arch name>      the loss of that candidate becomes NaN at the first step
   NAS_MINITRON_FAULT_KILL=<arch name>     that trial's process dies after its first checkpoint, once per run dir;
@@ -12,24 +21,40 @@ Fault injection for tests (environment variables, ignored unless set):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
-import tempfile
+import socket
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
-from nas_minitron.atomic import write_json_atomic
+from nas_minitron.atomic import atomic_directory, write_json_atomic
 from nas_minitron.data import load_sequences
-from nas_minitron.distill.config import EvalPoint, NonFiniteLossError
+from nas_minitron.distill.config import DistillConfig, EvalPoint, NonFiniteLossError
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.trainer import distill
+from nas_minitron.prune.plan import PLAN_FILE, PruningPlan
 from nas_minitron.prune.scores import ImportanceScores
+from nas_minitron.prune.sliced import is_safetensors_dir
 from nas_minitron.prune.student import build_student
-from nas_minitron.search.protocol import FAILED_KEY, FINAL_KEY, Report, TrialSpec, trial_result_path
+from nas_minitron.search.protocol import (
+    FAILED_KEY,
+    FATAL_KEY,
+    FINAL_KEY,
+    Report,
+    TrialSpec,
+    trial_log_path,
+    trial_result_path,
+    trial_scratch_dir,
+    trial_weights_path,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -39,18 +64,101 @@ else:
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
 
-__all__ = ["run_candidate"]
+__all__ = ["TrialRefused", "placement", "redirect_output", "run_candidate", "trial_device"]
 
 
-def _student(arch_name: str, spec: TrialSpec) -> PreTrainedModel:
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(spec.teacher_dir)
+class TrialRefused(RuntimeError):
+    """A trial that cannot run where Ray placed it (its message is one line naming the fault and the fix)."""
+
+
+def trial_device(spec: TrialSpec, gpu_ids: Sequence[str] = ()) -> str:
+    """`cpu`, or `cuda:0` for a trial that reserved GPUs (Ray's CUDA_VISIBLE_DEVICES leaves only its own).
+
+    Raises TrialRefused when the trial reserved a GPU and torch sees none: training on the CPU instead would be
+    silently orders of magnitude slower.
+    """
+    if spec.gpus_per_trial <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise TrialRefused(
+            f"a trial reserved --gpus-per-trial {spec.gpus_per_trial:g} (Ray GPU ids {list(gpu_ids)}, "
+            f"CUDA_VISIBLE_DEVICES={visible!r}) on node {socket.gethostname()}, but torch {torch.__version__} sees "
+            f"no CUDA device (CUDA build: {torch.version.cuda or 'none'}); install a CUDA build of torch on every "
+            f"GPU node, or pass --gpus-per-trial 0."
+        )
+    return "cuda:0"
+
+
+def placement(student: torch.nn.Module, config: DistillConfig, gpu_ids: Sequence[str] = ()) -> dict[str, str]:
+    """Where and in what precision a trial trains: the `PLACEMENT_KEYS` of its reports."""
+    param = next(student.parameters())
+    param_dtype = str(param.dtype).removeprefix("torch.")
+    return {"device": str(param.device), "gpu_ids": ",".join(str(g) for g in gpu_ids), "param_dtype": param_dtype,
+            "compute_dtype": "bfloat16" if config.dtype == "bf16" else param_dtype}
+
+
+@contextlib.contextmanager
+def redirect_output(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to `path`, appended, while inside.
+
+    At the descriptor level, so that C extensions and libraries that write to the descriptors land there too; an
+    exception leaving the block is written there with its traceback before the descriptors are restored.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        stream.flush()
+    saved = os.dup(1), os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        # Python's own streams on the redirected descriptors, whatever sys.stdout was (a harness may replace it)
+        with open(1, "w", buffering=1, closefd=False) as out, open(2, "w", buffering=1, closefd=False) as err:
+            sys.stdout, sys.stderr = out, err
+            try:
+                yield
+            except BaseException:
+                traceback.print_exc()
+                raise
+            finally:
+                sys.stdout, sys.stderr = streams
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (target, *saved):
+            os.close(fd)
+
+
+def _build(arch_name: str, spec: TrialSpec, device: str) -> tuple[PreTrainedModel, PruningPlan, PreTrainedModel | None]:
+    """(student on `device` in fp32, its pruning plan, the teacher on `device` when the trial has no logit cache)."""
     arch = ArchConfig.parse(arch_name, spec.head_dim)
-    student, _ = build_student(teacher, spec.teacher_dir, arch, ImportanceScores.load(spec.importance_dir),
-                               depth_method=spec.depth_method, rescale_norms=spec.rescale_norms)
+    scores = ImportanceScores.load(spec.importance_dir)
+    teacher: PreTrainedModel | None = None
+    if spec.logit_cache_dir and is_safetensors_dir(spec.teacher_dir):
+        # Cut from the teacher's files straight onto the trial's device in fp32: the teacher is never held.
+        student, plan = build_student(spec.teacher_dir, spec.teacher_dir, arch, scores, depth_method=spec.depth_method,
+                                      rescale_norms=spec.rescale_norms, device=device, dtype=torch.float32)
+    else:  # no cache: the trial needs the live teacher anyway (or its files are not safetensors)
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(spec.teacher_dir)
+        student, plan = build_student(teacher, spec.teacher_dir, arch, scores, depth_method=spec.depth_method,
+                                      rescale_norms=spec.rescale_norms)
+    # fp32 master weights whatever the checkpoint's dtype: bf16 parameters would round small updates away.
+    student.to(device=device, dtype=torch.float32)  # type: ignore[call-arg]  # transformers' wrapped `to`
     if os.environ.get("NAS_MINITRON_FAULT_NAN") == arch_name:
         with torch.no_grad():
             student.model.norm.weight.fill_(float("nan"))
-    return student
+    if teacher is None or spec.logit_cache_dir:
+        return student, plan, None  # the cache holds the teacher's targets: the teacher is not kept
+    teacher.to(device)  # type: ignore[arg-type]
+    teacher.eval().requires_grad_(False)
+    return student, plan, teacher
+
+
+def _student(arch_name: str, spec: TrialSpec) -> PreTrainedModel:
+    """The student a trial of `arch_name` trains, on the CPU (tests compare it with the winners' build)."""
+    return _build(arch_name, spec, "cpu")[0]
 
 
 def _maybe_kill(arch_name: str, spec: TrialSpec) -> None:
@@ -64,32 +172,75 @@ def _maybe_kill(arch_name: str, spec: TrialSpec) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | None) -> None:
+def _save_weights(student: PreTrainedModel, plan: PruningPlan, folder: Path) -> None:
+    """The trained student, from_pretrained-loadable, with its pruning plan; all or nothing."""
+    with atomic_directory(folder, overwrite=True) as tmp:
+        student.save_pretrained(tmp)
+        (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+
+
+def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | None, *, trial_id: str = "",
+                  gpu_ids: Sequence[str] = ()) -> None:
     """Distill `arch_name` for the spec's short budget, reporting validation metrics at every eval point.
 
     The report at the last step carries `final` (and is the last report); a trial stopped early never sends it.
+    A trial that cannot run where it was placed sends one report carrying `fatal` and returns. Its output goes to
+    its log file (appended) while it runs.
     """
     torch.set_num_threads(max(1, spec.cpus_per_trial))
+    with redirect_output(trial_log_path(spec.run_dir, arch_name)):
+        print(f"=== trial {trial_id or '-'} of {arch_name}: pid {os.getpid()} on {socket.gethostname()}, "
+              f"Ray GPU ids {list(gpu_ids)}, resumed from a checkpoint: {resume_dir is not None}", flush=True)
+        try:
+            device = trial_device(spec, gpu_ids)
+            scratch = trial_scratch_dir(spec.scratch_dir, spec.run_dir, trial_id)
+            try:  # what a killed attempt of this trial left here is stale: Ray's copy is what resumes
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir(parents=True)
+            except OSError as err:
+                raise TrialRefused(
+                    f"cannot write the trial checkpoint directory {str(scratch)!r} on node {socket.gethostname()}: "
+                    f"{err.strerror or err}; choose another --scratch-dir.") from None
+        except TrialRefused as err:
+            print(f"trial refused: {err}", flush=True)
+            report({"arch": arch_name, **spec.shape_objectives.get(arch_name, {}), FATAL_KEY: str(err),
+                    FAILED_KEY: True, FINAL_KEY: False, "error": str(err), "val_kl": float("inf"),
+                    "val_loss": float("inf")}, None)
+            return
+        try:
+            _train(arch_name, spec, report, resume_dir, device, scratch, gpu_ids)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                scratch.parent.rmdir()  # the run's scratch folder, once its last trial on this node has ended
+
+
+def _train(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | None, device: str, scratch: Path,
+           gpu_ids: Sequence[str]) -> None:
     done = trial_result_path(spec.run_dir, arch_name)
     if done.is_file():  # finished before (a re-proposal, or a trial restored after a driver crash): never rerun
         record = json.loads(done.read_text())
         report({**record["final"], "reused_from": record["trial_dir"], FINAL_KEY: True}, None)
         return
-    student = _student(arch_name, spec)
+    student, plan, teacher = _build(arch_name, spec, device)
     params = sum(p.numel() for p in student.parameters())
     config = spec.distill
-    base = {"arch": arch_name, "params": params, FAILED_KEY: False, FINAL_KEY: False}
-    work = Path(tempfile.mkdtemp(prefix="nasm-trial-"))
+    where = placement(student, config, gpu_ids)
+    print(f"training on {where['device']} with {where['param_dtype']} parameters, {where['compute_dtype']} compute",
+          flush=True)
+    base = {"arch": arch_name, **spec.shape_objectives.get(arch_name, {}), "params": params, FAILED_KEY: False,
+            FINAL_KEY: False, **where}
     curve: list[dict[str, Any]] = []
     resumed_from = 0
     if resume_dir is not None:
         # Ray hands back the step directory's contents under a name of its own; the trainer looks for `step-*`
         # directories and reads the real step from the state inside.
-        shutil.copytree(resume_dir, work / "step-00000000")
+        shutil.copytree(resume_dir, scratch / "step-00000000")
         state = json.loads((resume_dir / "state.json").read_text())
         resumed_from, curve = int(state["step"]), list(state["curve"])
     checkpoints: list[Path] = []
     last_step = config.num_steps()  # trials run in one process
+    weights = trial_weights_path(spec.run_dir, arch_name)
 
     def on_checkpoint(path: Path) -> None:  # distill checkpoints first, then calls on_eval for the same step
         checkpoints.append(path)
@@ -100,12 +251,17 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
         metrics = {**base, **point.to_dict()}
         if point.step == last_step:
             # The last step: this report is the trial's final one. A scheduler stops a trial as soon as it reports
-            # its whole budget (ASHA: time_attr >= max_t), so nothing may come after it; the result is kept first,
-            # so a re-proposal of this candidate is never retrained.
+            # its whole budget (ASHA: time_attr >= max_t), so nothing may come after it; the weights and then the
+            # result are kept first, so a re-proposal of this candidate is never retrained and a result never
+            # names weights that are not there.
             metrics.update({FINAL_KEY: True, "resumed_from_step": resumed_from})
-            write_json_atomic(done, {"arch": arch_name, "trial_dir": os.getcwd(), "final": metrics, "curve": curve})
+            _save_weights(student, plan, weights)
+            write_json_atomic(done, {"arch": arch_name, "trial_dir": os.getcwd(), "final": metrics, "curve": curve,
+                                     "weights": {"path": str(weights.relative_to(Path(spec.run_dir))),
+                                                 "num_tokens": point.num_tokens}})
         report(metrics, checkpoint)
         if checkpoint is not None:
+            shutil.rmtree(checkpoint, ignore_errors=True)  # Ray copied it into the run directory during report
             _maybe_kill(arch_name, spec)
 
     try:
@@ -114,8 +270,9 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
             load_sequences(spec.train_path),
             load_sequences(spec.val_path),
             config,
+            teacher=teacher,
             logit_cache=LogitCache.open(spec.logit_cache_dir) if spec.logit_cache_dir else None,
-            checkpoint_dir=work,
+            checkpoint_dir=scratch,
             resume=resume_dir is not None,
             on_eval=on_eval,
             on_checkpoint=on_checkpoint,
@@ -123,5 +280,3 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
     except NonFiniteLossError as err:
         # Ends the trial normally so Ray does not retry it; searcher.py tells Optuna FAIL for `failed`.
         report({**base, FAILED_KEY: True, "error": str(err), "val_kl": float("inf"), "val_loss": float("inf")}, None)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

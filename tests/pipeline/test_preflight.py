@@ -115,3 +115,20 @@ def test_a_second_driver_is_refused_before_it_writes(tiny_teacher_dir: Path, tmp
         line = one_error_line(search(tiny_teacher_dir, run_dir))
     assert "in use by another search (pid 4242)" in line
     assert not (run_dir / "config.json").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_stop_after_runs_up_to_a_stage_and_leaves_later_checks_to_the_resume(
+    tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    stopped = search(tiny_teacher_dir, run_dir, "--stop-after", "candidates", "--eval-tasks", "no_such_task")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "stopped after stage 'candidates'" in stopped.stdout
+    done = sorted(p.stem for p in (run_dir / "stages").glob("*.json"))
+    assert done == ["candidates"] and (run_dir / "candidates.csv").is_file()
+    # the run that would evaluate checks the eval tasks before it does anything
+    line = one_error_line(search(tiny_teacher_dir, run_dir, "--resume", "--eval-tasks", "no_such_task"))
+    assert "no_such_task" in line
+    assert sorted(p.stem for p in (run_dir / "stages").glob("*.json")) == ["candidates"]
+    bad = one_error_line(search(tiny_teacher_dir, tmp_path / "other", "--stop-after", "nothing"))
+    assert "--stop-after" in bad and "candidates" in bad and not (tmp_path / "other").exists()

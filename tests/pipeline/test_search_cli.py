@@ -48,6 +48,16 @@ def test_search_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     assert sorted(t.user_attrs["ray_trial_id"] for t in study) == sorted(t["trial_id"] for t in trials)
     by_id = {t["trial_id"]: float(t["val_kl"]) for t in trials}
     assert all(abs(t.value - by_id[t.user_attrs["ray_trial_id"]]) < 1e-9 for t in study)
+    # where each trial ran, and its log file (named in the console); no checkpoint left once the trials ended;
+    # trial weights kept only for the winner (--winners 1)
+    assert all((t["device"], t["param_dtype"], t["compute_dtype"]) == ("cpu", "float32", "float32") for t in trials)
+    assert all(f"log: {run_dir.resolve() / t['log']}" in result.stdout for t in trials)
+    assert all(f"trial {t['trial_id']} of {t['name']}" in (run_dir / t["log"]).read_text() for t in trials)
+    assert not [p for p in (run_dir / "ray" / "trials").glob("*/checkpoint_*/**/*") if p.is_file()]
+    marker = json.loads((run_dir / "stages" / "trials.json").read_text())
+    assert marker["devices"] == ["cpu"] and marker["param_dtypes"] == ["float32"]
+    kept = {p.name for p in (run_dir / "trial_results").iterdir() if p.is_dir()}
+    assert kept <= {w["name"] for w in rows(run_dir / "winners.csv")}
     # curves start at step 0 (the untrained ranking) and end at the last step
     curves = rows(run_dir / "trial_curves.csv")
     assert {c["step"] for c in curves} >= {"0", "4"}
