@@ -110,18 +110,20 @@ def _all_reduce_grads(module: torch.nn.Module) -> None:
             param.grad.div_(world)
 
 
-def _same_on_all_ranks(val_loss: float, val_kl: float, train_loss: float) -> tuple[float, float, float]:
+def _same_on_all_ranks(val_loss: float, val_kl: float, train_loss: float,
+                       device: torch.device | None = None) -> tuple[float, float, float]:
     """Rank 0's validation metrics and the mean training loss over ranks, on every rank (unchanged in one process).
 
     All ranks validate on the same sequences; the broadcast makes every rank act on bit-identical metrics. A rank's
-    training loss covers its share of the global batch only; their mean is the global batch's loss.
+    training loss covers its share of the global batch only; their mean is the global batch's loss. The tensors live
+    on the run's `device`: NCCL process groups refuse CPU tensors.
     """
     world = _world_size()
     if world == 1:
         return val_loss, val_kl, train_loss
-    val = torch.tensor([val_loss, val_kl], dtype=torch.float64)
+    val = torch.tensor([val_loss, val_kl], dtype=torch.float64, device=device)
     dist.broadcast(val, src=0)
-    train = torch.tensor([train_loss], dtype=torch.float64)
+    train = torch.tensor([train_loss], dtype=torch.float64, device=device)
     dist.all_reduce(train)
     return val[0].item(), val[1].item(), train.item() / world
 
@@ -366,7 +368,7 @@ class _Run:
         val_loss, val_kl = validate(self.student, val, self.teacher, self.cache, self.config.batch_size,
                                     self.autocast, self.config.loss_chunk_tokens)
         train_loss = self.loss_sum / self.loss_count if self.loss_count else math.nan
-        val_loss, val_kl, train_loss = _same_on_all_ranks(val_loss, val_kl, train_loss)
+        val_loss, val_kl, train_loss = _same_on_all_ranks(val_loss, val_kl, train_loss, self.device)
         self.loss_sum, self.loss_count = 0.0, 0
         point = EvalPoint(self.step, self.step * self.tokens_per_step, val_loss, val_kl, train_loss, self.wall_s())
         self.curve.append(point)

@@ -144,7 +144,8 @@ class Run:
         return read_csv(self.path("winners.csv"))
 
     def data_path(self, split: str) -> Path:
-        """Token ids of a split: `train`, `train_short` (what the logit cache covers) or `validation`."""
+        """Token ids of a split: `train`, `train_short` (the trials'; what the logit cache covers), `train_full` (the
+        winners': the sequences after the trials') or `validation`."""
         return self.path("data", f"{split}.safetensors")
 
     def sequences(self, split: str) -> torch.Tensor:

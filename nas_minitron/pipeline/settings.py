@@ -120,9 +120,10 @@ class SearchSettings:
 
 
 # Keys that may change on --resume: they decide where and how fast the run goes, not what it computes.
-RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "gpus_per_trial", "storage",
-                          "cache_dir", "device", "scratch_dir", "full_gpus", "full_workers", "checkpoint_minutes",
-                          "gpu_memory_gib"})
+# Not among them: gpus_per_trial and device (they set the trials' / winners' dtype, which their checkpoints must
+# match) and full_gpus / full_workers (the world size sets a winner's steps, schedule and data shards).
+RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "storage", "cache_dir", "scratch_dir",
+                          "checkpoint_minutes", "gpu_memory_gib"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
 LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
@@ -185,6 +186,9 @@ def _validate(s: SearchSettings) -> None:
             problems.append(f"{key} must be >= 1 or none, but got {value!r}")
     if not (math.isfinite(s.gpus_per_trial) and s.gpus_per_trial >= 0):
         problems.append(f"gpus_per_trial must be a number >= 0 (a fraction shares a GPU), but got {s.gpus_per_trial!r}")
+    elif s.gpus_per_trial > 1:  # a trial trains on one device: more would be reserved and sit idle
+        problems.append(f"gpus_per_trial must be in [0, 1] (a trial trains on one GPU; a fraction shares one; "
+                        f"--full-gpus spreads the winners over several), but got {s.gpus_per_trial!r}")
     if not (math.isfinite(s.gpu_memory_gib) and s.gpu_memory_gib > 0):
         problems.append(f"gpu_memory_gib must be a number > 0, but got {s.gpu_memory_gib!r}")
     if not (math.isfinite(s.lr) and 0 < s.lr <= 1):

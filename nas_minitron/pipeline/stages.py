@@ -96,10 +96,16 @@ def start_ray(s: SearchSettings, config: dict[str, Any], log: Callable[[str], No
     dashboard = connect_ray(RayOptions(address=s.ray_address))
     if dashboard:
         log(f"Ray dashboard: {dashboard}")
-    # teacher weights while pruning + student weights, grads and AdamW state + logits and their grads + runtime
+    # Host memory of one trial. On CPU: the teacher's weights (when no logit cache lets the trial slice the student
+    # out of the files) + student weights, grads and AdamW state (fp32) + the chunked loss (~7 fp32 [1024, V]) +
+    # runtime. On a GPU the student, its optimizer and the loss live on the device; the host holds the read windows
+    # of the sliced build and the runtime (the GPU side is the resource plan's, pipeline/plan.py).
     vocab = int(config.get("vocab_size") or 0)
-    memory = (4 * int(config["teacher_params"]) + 16 * int(config["budget_params"])
-              + 12 * s.batch_size * s.seq_len * vocab + 2**30)
+    teacher = 0 if s.topk > 0 else 4 * int(config["teacher_params"])
+    if s.gpus_per_trial > 0:
+        memory = teacher + 2**31
+    else:
+        memory = teacher + 16 * int(config["budget_params"]) + 7 * 4 * 1024 * vocab + 2**30
     check_resources(s.cpus_per_trial, s.gpus_per_trial, memory)
     workers, on_gpus = full_distill_workers(s)
     if s.full_gpus is not None or workers > 1:  # the winners' Ray Train job must fit too, checked before any work
@@ -153,13 +159,17 @@ def logit_cache(run: Run) -> dict[str, Any]:
     """The token streams (data/) and, with --topk, the teacher's top-k logits for the short stream + validation."""
     s = run.settings
     teacher, tokenizer = run.teacher()
-    num_train = _num_train_sequences(run, max(s.short_tokens, s.full_tokens))
+    # The trials' stream first, then the winners' own: a winner continues from its trial's weights, so its full
+    # distillation must not see the trial's sequences again.
+    num_short = _num_train_sequences(run, s.short_tokens)
+    num_train = num_short + _num_train_sequences(run, s.full_tokens)
     train = take_sequences(s.data, tokenizer, "train", s.seq_len, num_train, s.seed)  # [N, T]
     val = take_sequences(s.data, tokenizer, "validation", s.seq_len, s.validation_sequences, s.seed)  # [V, T]
     short = train[: _num_train_sequences(run, s.short_tokens)]  # the trials' stream: what the logit cache covers
     with atomic_directory(run.path("data"), overwrite=True) as tmp:
         save_sequences(tmp / "train.safetensors", train)
         save_sequences(tmp / "train_short.safetensors", short)
+        save_sequences(tmp / "train_full.safetensors", train[num_short:])  # the winners' stream
         save_sequences(tmp / "validation.safetensors", val)
     if s.topk <= 0:
         return {"topk": 0}
@@ -240,6 +250,10 @@ def trials(run: Run) -> dict[str, Any]:
     if fatal:
         discard_experiment(run.dir)  # --resume after the fix starts the trials anew (finished results are reused)
         raise UserError(fatal)
+    unfinished = [r.name for r in records if r.status == "PRUNED"]
+    if unfinished and not (s.asha and len(s.objectives) == 1):  # only ASHA stops trials early; else: interrupted
+        raise UserError(f"the trials were interrupted before {len(unfinished)} of them finished "
+                        f"({', '.join(str(n) for n in unfinished[:4])}); continue them with --resume.")
     done = sum(r.status == "COMPLETE" for r in records)
     run.log(f"  {len(records)} trials: {done} complete, {len(records) - done} failed or stopped")
     if not done:
@@ -422,6 +436,11 @@ def _full_config(run: Run, params: int, where: _FullPlacement) -> DistillConfig:
     return dataclasses.replace(config, eval_every_tokens=every_steps * config.tokens_per_step(where.workers))
 
 
+def _full_split(run: Run) -> str:
+    """The winners' token stream: the sequences after the trials' (run directories made before it existed: all)."""
+    return "train_full" if run.data_path("train_full").is_file() else "train"
+
+
 def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tuple[DistillResult, DistillConfig]:
     """Fully distill one winner from the weights in its folder and replace the folder with the result.
 
@@ -445,12 +464,12 @@ def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tup
                 for label in (name, f"winner-{row['rank']}"):  # tests inject a fault by arch name or by rank
                     fault_after_checkpoint(label, point.step)
 
-            result = distill(student, run.sequences("train"), run.sequences("validation"), config, teacher=teacher,
-                             checkpoint_dir=checkpoints, resume=run.resume, on_eval=on_eval)
+            result = distill(student, run.sequences(_full_split(run)), run.sequences("validation"), config,
+                             teacher=teacher, checkpoint_dir=checkpoints, resume=run.resume, on_eval=on_eval)
             save_distilled(tmp, student, None, result, config=config, teacher=s.teacher,
                            student_source=row["path"], data=s.data)
         else:  # the driver holds no model: every worker loads its own, the token files go by path
-            result = distill_ray(folder, run.data_path("train"), run.data_path("validation"), config,
+            result = distill_ray(folder, run.data_path(_full_split(run)), run.data_path("validation"), config,
                                  storage_path=run.path("ray_train"), num_workers=where.workers,
                                  use_gpu=where.on_gpus, strategy=where.strategy,
                                  teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir), out_dir=tmp,

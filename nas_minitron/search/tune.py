@@ -236,10 +236,14 @@ def _hooks(spec: TrialSpec, log: Callable[[str], None] | None,
 def _sweep(spec: TrialSpec, hooks: Sequence[tune.Callback], grid: tune.ResultGrid) -> None:
     """After the experiment: no checkpoint of an ended trial left, no weights of a candidate that cannot win.
 
-    Trials stopped together with the experiment (a fatal stop) may never reach the callbacks' hooks.
+    Trials stopped together with the experiment (a fatal stop) may never reach the callbacks' hooks. A trial that
+    neither finished nor failed (the driver was interrupted: Ray Tune catches SIGINT and returns) keeps its
+    checkpoint, so that `--resume` continues it.
     """
     for result in _results(grid):
-        if result.path:
+        last = result.metrics or {}
+        ended = result.error is not None or any(last.get(k) for k in (FINAL_KEY, FAILED_KEY, FATAL_KEY))
+        if result.path and ended:
             callbacks.delete_trial_checkpoints(result.path)
     for hook in hooks:
         if isinstance(hook, callbacks.WeightsKeeper):

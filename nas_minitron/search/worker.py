@@ -136,13 +136,15 @@ def _build(arch_name: str, spec: TrialSpec, device: str) -> tuple[PreTrainedMode
     arch = ArchConfig.parse(arch_name, spec.head_dim)
     scores = ImportanceScores.load(spec.importance_dir)
     teacher: PreTrainedModel | None = None
-    if spec.logit_cache_dir and is_safetensors_dir(spec.teacher_dir):
-        # Cut from the teacher's files straight onto the trial's device in fp32: the teacher is never held.
+    if not spec.logit_cache_dir:  # no cache: the trial distills from the live teacher (float32 on CPU; bf16 on GPU)
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(spec.teacher_dir, dtype=torch.float32)
+    if is_safetensors_dir(spec.teacher_dir):
+        # Cut from the teacher's files straight onto the trial's device in fp32, as prune and the winners do.
         student, plan = build_student(spec.teacher_dir, spec.teacher_dir, arch, scores, depth_method=spec.depth_method,
                                       rescale_norms=spec.rescale_norms, device=device, dtype=torch.float32)
-    else:  # no cache: the trial needs the live teacher anyway (or its files are not safetensors)
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(spec.teacher_dir)
-        student, plan = build_student(teacher, spec.teacher_dir, arch, scores, depth_method=spec.depth_method,
+    else:  # weights not in safetensors files: cut from the loaded teacher
+        source = teacher or transformers.AutoModelForCausalLM.from_pretrained(spec.teacher_dir, dtype=torch.float32)
+        student, plan = build_student(source, spec.teacher_dir, arch, scores, depth_method=spec.depth_method,
                                       rescale_norms=spec.rescale_norms)
     # fp32 master weights whatever the checkpoint's dtype: bf16 parameters would round small updates away.
     student.to(device=device, dtype=torch.float32)  # type: ignore[call-arg]  # transformers' wrapped `to`
@@ -210,9 +212,8 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
         try:
             _train(arch_name, spec, report, resume_dir, device, scratch, gpu_ids)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                scratch.parent.rmdir()  # the run's scratch folder, once its last trial on this node has ended
+            shutil.rmtree(scratch, ignore_errors=True)  # its parent (the run's, shared by this node's trials) stays:
+            # removing it could race another trial's mkdir of its own folder inside it
 
 
 def _train(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | None, device: str, scratch: Path,
@@ -259,9 +260,15 @@ def _train(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | N
             write_json_atomic(done, {"arch": arch_name, "trial_dir": os.getcwd(), "final": metrics, "curve": curve,
                                      "weights": {"path": str(weights.relative_to(Path(spec.run_dir))),
                                                  "num_tokens": point.num_tokens}})
-        report(metrics, checkpoint)
+            if checkpoint is not None:  # the trained weights are kept: a checkpoint of a finished trial is waste
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                checkpoint = None
+        try:
+            report(metrics, checkpoint)
+        finally:  # also when Ray stops the trial inside report (ASHA, a fatal stop): no checkpoint left behind
+            if checkpoint is not None:
+                shutil.rmtree(checkpoint, ignore_errors=True)  # Ray copied it into the run directory during report
         if checkpoint is not None:
-            shutil.rmtree(checkpoint, ignore_errors=True)  # Ray copied it into the run directory during report
             _maybe_kill(arch_name, spec)
 
     try:

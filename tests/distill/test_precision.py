@@ -118,9 +118,18 @@ def test_teacher_is_frozen_and_keeps_its_dtype_on_cpu() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cuda_the_teacher_runs_in_bf16_and_adamw_is_fused() -> None:
+def test_on_cuda_the_teacher_runs_in_bf16_and_adamw_is_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[torch.optim.AdamW] = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
     teacher, student = _teacher().cuda(), _student().to("cuda", torch.bfloat16)
     result = distill(student, _data(8), _data(4), _config(num_tokens=4 * SEQ_LEN * 2), teacher=teacher)
+    assert built and all(opt.defaults.get("fused") for opt in built)
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert (result.param_dtype, result.compute_dtype, result.device) == ("float32", "bfloat16", "cuda:0")
 
