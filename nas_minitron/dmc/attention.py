@@ -176,6 +176,10 @@ class DMCAttention(nn.Module):
         if self.mode == "fade":
             out = self._fade(q, k, v, cos, sin, attention_mask, cache)
         elif isinstance(cache, dmc_cache.DMCCache):
+            if _masks_beyond_causal(attention_mask):
+                raise ValueError("DMC's compressed cache does not support padded prompts yet (the attention mask "
+                                 "hides tokens a causal mask would show); decode unpadded prompts, one length per "
+                                 "batch.")
             out = self._cached(q, k, v, cos, sin, cache.layer(self.layer_idx))
         else:
             if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
@@ -263,6 +267,18 @@ class DMCAttention(nn.Module):
             bias = torch.where(valid, 0.0, _MASKED).repeat_interleave(self.num_key_value_groups, dim=1)
             outs.append(self._attend(qt, keys, values, bias.unsqueeze(2)))
         return torch.cat(outs, dim=2)
+
+
+def _masks_beyond_causal(mask: torch.Tensor | None) -> bool:
+    """Whether a 4D attention mask [B, 1, Tq, S] (bool: True = attend; float: 0 = attend) hides a key that the causal
+    pattern would show (padding). transformers passes None (sdpa) or the plain causal mask for unpadded input."""
+    if mask is None or mask.dim() != 4:
+        return False
+    tq, s = mask.shape[-2], mask.shape[-1]
+    offset = s - tq  # the query i sits at position offset + i
+    causal = torch.ones(tq, s, dtype=torch.bool, device=mask.device).tril(offset)  # key j <= offset + i
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    return bool((causal & ~allowed).any())
 
 
 # ---- whole-model helpers ---------------------------------------------------------------------------------------

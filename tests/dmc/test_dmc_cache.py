@@ -82,3 +82,20 @@ def test_beam_reordering_keeps_every_buffer_consistent() -> None:
         nxt = model(ids[[2, 0], -1:], cache=cache, use_cache=True).logits
         full = model(torch.cat([ids[[2, 0]], ids[[2, 0], -1:]], dim=1), use_cache=False).logits[:, -1:]
     torch.testing.assert_close(nxt, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_padded_prompts_are_refused_and_full_masks_accepted(impl: str) -> None:
+    """The compressed path attends with its own causal mask: a padded prompt would attend to its padding, so it is
+    refused; an all-ones mask (None under sdpa, the plain causal 4D mask under eager) decodes as without one."""
+    model = mixed_decision_model("llama")
+    model.config._attn_implementation = impl
+    ids = torch.randint(4, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids, cache=DMCCache(), use_cache=True).logits
+        ones = model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=DMCCache(), use_cache=True).logits
+        assert torch.equal(plain, ones)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0  # left padding of the first prompt
+        with pytest.raises(ValueError, match="does not support padded prompts"):
+            model(input_ids=ids, attention_mask=mask, cache=DMCCache(), use_cache=True)
