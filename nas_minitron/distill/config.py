@@ -11,8 +11,8 @@ from typing import Any
 
 from nas_minitron.errors import UserError
 
-__all__ = ["DTYPES", "IS_LOSSES", "MASTER_WEIGHTS", "DistillConfig", "DistillResult", "EvalPoint",
-           "NonFiniteLossError", "StepInfo"]
+__all__ = ["DTYPES", "GRAD_CHECKPOINTING_PARAMS", "IS_LOSSES", "MASTER_WEIGHTS", "DistillConfig", "DistillResult",
+           "EvalPoint", "NonFiniteLossError", "StepInfo"]
 
 DTYPES = ("float32", "bf16")
 IS_LOSSES = ("none", "cosine", "mse")
@@ -33,6 +33,9 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"non-finite loss {loss} at step {step}; training stopped")
         self.step = step
         self.loss = loss
+
+
+GRAD_CHECKPOINTING_PARAMS = 10**9  # students this large recompute activations in the full distillation
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ Memory model (bytes; P = parameters, L/H/I = layers/hidden/intermediate of the m
   2 B/P on a GPU (bf16). Forward-only passes add activations of one layer at a time (negligible) plus logits.
 - Activations kept for backward: L x B x T x H x k bytes with k = ACT_BYTES_PER_HIDDEN (34 in bf16: Korthikanti
   et al. 2022 without the attention-score term, which SDPA does not store; 68 in fp32). Gradient checkpointing
-  (students of >= 1B parameters in the full distillation, `stages.GRAD_CHECKPOINTING_PARAMS`) keeps 2 x H bytes
+  (students of >= 1B parameters in the full distillation, `distill.config.GRAD_CHECKPOINTING_PARAMS`) keeps 2 x H bytes
   per layer and token plus one layer's full set.
 - The chunked KD loss: ~7 fp32 [chunk, V] tensors for full KD (live teacher), ~4 for top-k KD, chunk =
   min(1024, B x T) (benchmarks/RESULTS.md "KD loss memory": 7.0 and 3.6-3.8 tensors measured).
@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nas_minitron.arch import ArchConfig
+from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig
 from nas_minitron.pipeline.run_dir import STAGES
 from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers
 
@@ -66,8 +67,7 @@ RAY_BYTES = 800 * 2**20
 CUDA_CONTEXT_BYTES = GIB
 ACT_BYTES_PER_HIDDEN = {"bf16": 34, "float32": 68}
 KD_LOSS_TENSORS = {"full": 7, "topk": 4}
-LOSS_CHUNK_TOKENS = 1024  # DistillConfig.loss_chunk_tokens' default
-GRAD_CHECKPOINTING_PARAMS = 10**9  # = stages.GRAD_CHECKPOINTING_PARAMS (not imported: stages imports torch)
+LOSS_CHUNK_TOKENS = DistillConfig.loss_chunk_tokens  # the field's default (a dataclass keeps it on the class)
 EVAL_TOKENS_PER_ITEM = 256  # assumed (context + choices, summed); not measured
 EVAL_ITEMS_UNLIMITED = 1000  # assumed items per task with --eval-limit none
 TRIAL_SETUP_S = {"cpu": 10.0, "cuda": 30.0}  # slicing the student from the teacher's files, process start (estimated)

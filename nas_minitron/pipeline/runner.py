@@ -40,6 +40,15 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
 assert tuple(STAGE_FUNCTIONS) == STAGES, "every stage has one function, in run order"
 
 
+def _nearest_existing(path: Path) -> Path | None:
+    """`path` or its nearest existing ancestor: where creating `path` would start."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
+def _writable_dir(path: Path | None) -> bool:
+    return path is not None and path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
 def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> bool:
     """Whether the run directory is to be (re)created; UserError when it cannot be used as asked.
 
@@ -47,11 +56,10 @@ def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> boo
     the corrected command, with or without --resume; one with finished stages only by --resume with the same
     settings (runtime keys, and eval settings before the eval stage, may change).
     """
-    parent = run_dir.resolve().parent
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {str(run_dir)!r} is a file, not a directory; choose another --run-dir.")
-    ancestor = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if ancestor is None or not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    ancestor = _nearest_existing(run_dir.resolve().parent)
+    if not _writable_dir(ancestor):
         raise UserError(f"--run-dir {str(run_dir)!r} cannot be created: {str(ancestor)!r} is not a writable "
                         f"directory; choose another --run-dir.")
     config_file = run_dir / "config.json"
@@ -96,8 +104,8 @@ def _check_scratch_dir(scratch_dir: str | None) -> None:
     path = Path(scratch_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"--scratch-dir {scratch_dir!r} is a file, not a directory; choose another --scratch-dir.")
-    ancestor = next((p for p in (path.resolve(), *path.resolve().parents) if p.exists()), None)
-    if ancestor is None or not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    ancestor = _nearest_existing(path.resolve())
+    if not _writable_dir(ancestor):
         raise UserError(f"--scratch-dir {scratch_dir!r} is not writable: {str(ancestor)!r} is not a writable "
                         f"directory; choose another --scratch-dir.")
 

@@ -20,7 +20,7 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import atomic_directory
 from nas_minitron.data import save_sequences, take_sequences
-from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint
+from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig, DistillResult, EvalPoint
 from nas_minitron.distill.logit_cache import build_logit_cache
 from nas_minitron.distill.ray_train import check_cluster, distill_ray, fault_after_checkpoint
 from nas_minitron.distill.result import RECORD_FILE, save_distilled
@@ -294,7 +294,6 @@ def _write_trial_tables(run: Run, records: list[TrialRecord]) -> None:
 
 
 # ---- winners and their full distillation -------------------------------------------------------------------
-GRAD_CHECKPOINTING_PARAMS = 10**9  # students this large recompute activations in the full distillation
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "config.json", "generation_config.json")
 
 

@@ -51,7 +51,7 @@ def test_the_arithmetic_on_a_hand_checked_case() -> None:
 
 
 def test_the_constants_it_mirrors_match_their_owners() -> None:
-    """plan.py stays free of torch, so it copies two constants; they must not drift from the code that uses them."""
+    """The plan uses the constants of the code it models (read from their owners, never copied)."""
     from nas_minitron.distill.config import DistillConfig
     from nas_minitron.pipeline import plan, stages
 
