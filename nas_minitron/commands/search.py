@@ -29,6 +29,10 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--space": ("space", str),
     "--tolerance": ("tolerance", float),
     "--max-candidates": ("max_candidates", int),
+    "--strategy": ("strategy", str),
+    "--rungs": ("rungs", str),
+    "--eta": ("eta", int),
+    "--screen": ("screen", int),
     "--trials": ("trials", int),
     "--short-tokens": ("short_tokens", int),
     "--winners": ("winners", int),
@@ -103,6 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         optional = optional_setting(field)
         parser.add_argument(flag, dest=field, type=_or_none(kind) if optional else kind, default=None,
                             help=f"{docs.get(field, '')}{suffix}")
+    parser.add_argument("--stop-when-stable", dest="stop_when_stable", action="store_const", const=True,
+                        default=None, help=docs.get("stop_when_stable", ""))
     parser.add_argument("--asha", dest="asha", action="store_const", const=True, default=None,
                         help=docs.get("asha", ""))
     parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")

@@ -179,13 +179,28 @@ class EvalPoint:
     val_kl: float
     train_loss: float  # mean training loss since the previous point (NaN at step 0)
     wall_s: float
+    # Per validation sequence (val_loss / val_kl are their means): the search's bootstrap intervals are drawn from
+    # them. Empty in points recorded before they were kept.
+    val_loss_seq: tuple[float, ...] = ()
+    val_kl_seq: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_float(v) for k, v in dataclasses.asdict(self).items()}
+        out: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            out[key] = [_json_float(v) for v in value] if isinstance(value, (tuple, list)) else _json_float(value)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalPoint:
-        values: dict[str, Any] = {k: (math.nan if v is None else v) for k, v in data.items()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in names:
+                continue
+            if isinstance(value, (list, tuple)):
+                values[key] = tuple(math.nan if v is None else float(v) for v in value)
+            else:
+                values[key] = math.nan if value is None else value
         return cls(**values)
 
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")
 
-__all__ = ["build_objective", "final_hidden", "output_head", "validate"]
+__all__ = ["build_objective", "final_hidden", "output_head", "validate", "validate_sequences"]
 
 Head = Callable[["torch.Tensor"], "torch.Tensor"]
 
@@ -179,37 +179,58 @@ def validate(
     autocast: Callable[[], AbstractContextManager[object]],
     chunk_tokens: int = DistillConfig.loss_chunk_tokens,
 ) -> tuple[float, float]:
-    """Student LM loss and KL to the teacher on held-out sequences [N, T] (NaN KL without a teacher or cache).
+    """Student LM loss and KL to the teacher on held-out sequences [N, T] (NaN KL without a teacher or cache):
+    the means over sequences of `validate_sequences`."""
+    loss, kl = validate_sequences(student, val_sequences, teacher, cache, batch_size, autocast, chunk_tokens)
+    return float(loss.mean()), float(kl.mean())
 
-    With a teacher the KL is the full one; with only a top-k cache it is the top-k + rest KL of the cache. Both
-    by chunks of `chunk_tokens` positions, under no_grad.
+
+def validate_sequences(
+    student: torch.nn.Module,
+    val_sequences: torch.Tensor,
+    teacher: PreTrainedModel | None,
+    cache: LogitCache | None,
+    batch_size: int,
+    autocast: Callable[[], AbstractContextManager[object]],
+    chunk_tokens: int = DistillConfig.loss_chunk_tokens,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per held-out sequence [N, T]: the student's LM loss and its KL to the teacher, each a float32 [N] tensor on
+    the CPU (the KL all NaN without a teacher or cache); per-sequence values give the search its bootstrap
+    intervals.
+
+    With a teacher the KL is the full one; with only a top-k cache it is the top-k + rest KL of the cache. The
+    forward pass runs `batch_size` sequences at a time, the losses one sequence at a time by chunks of
+    `chunk_tokens` positions, under no_grad.
     """
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
-    loss_sum = kl_sum = 0.0
-    num_batches = 0.0
+    losses_lm: list[float] = []
+    losses_kl: list[float] = []
     head = output_head(student)
     with torch.no_grad(), autocast():
         for start in range(0, val_sequences.shape[0], batch_size):
             tokens = val_sequences[start : start + batch_size].to(device)  # [b, T]
             hidden, _ = final_hidden(student, tokens)  # [b, T, H]
-            targets: TeacherTargets | None = None
+            t_hidden: torch.Tensor | None = None
+            top: tuple[torch.Tensor, torch.Tensor] | None = None
             if teacher is not None:
                 t_hidden, _ = final_hidden(teacher, tokens)  # [b, T, H_t]
-                targets = TeacherTargets(hidden=t_hidden.reshape(-1, t_hidden.shape[-1]), head=output_head(teacher))
             elif cache is not None:
                 logprobs, indices = cache.lookup(tokens)  # [b, T, k] each
-                k = logprobs.shape[-1]
-                targets = TeacherTargets(logprobs=logprobs.to(device).reshape(-1, k),
-                                         indices=indices.to(device).reshape(-1, k))
-            losses = chunked_logit_losses(hidden.reshape(-1, hidden.shape[-1]), head, chunk_tokens, teacher=targets,
-                                          lm_targets=next_token_targets(tokens))
-            weight = tokens.shape[0] / batch_size  # a short last batch counts for its size
-            loss_sum += float(losses["lm"]) * weight
-            if targets is not None:
-                kl_sum += float(losses["kd"]) * weight
-            num_batches += weight
+                top = logprobs.to(device), indices.to(device)
+            lm_targets = next_token_targets(tokens)  # [b * T]
+            length = tokens.shape[1]
+            for row in range(tokens.shape[0]):
+                targets: TeacherTargets | None = None
+                if t_hidden is not None:
+                    assert teacher is not None
+                    targets = TeacherTargets(hidden=t_hidden[row], head=output_head(teacher))
+                elif top is not None:
+                    targets = TeacherTargets(logprobs=top[0][row], indices=top[1][row])
+                losses = chunked_logit_losses(hidden[row], head, chunk_tokens, teacher=targets,
+                                              lm_targets=lm_targets[row * length : (row + 1) * length])
+                losses_lm.append(float(losses["lm"]))
+                losses_kl.append(float(losses["kd"]) if targets is not None else math.nan)
     student.train(was_training)
-    kl = kl_sum / num_batches if (teacher is not None or cache is not None) else math.nan
-    return loss_sum / num_batches, kl
+    return torch.tensor(losses_lm, dtype=torch.float32), torch.tensor(losses_kl, dtype=torch.float32)

@@ -31,7 +31,7 @@ from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint,
 from nas_minitron.distill.fsdp import clip_grad_norm_, full_optimizer_state, full_student_state, is_sharded
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.losses import evenly_spaced_layer_map
-from nas_minitron.distill.objective import build_objective, validate
+from nas_minitron.distill.objective import build_objective, validate_sequences
 from nas_minitron.errors import UserError
 from nas_minitron.runtime import bf16_autocast
 
@@ -264,6 +264,8 @@ def distill(
     on_step: Callable[[StepInfo], None] | None = None,
     layer_map: tuple[int, ...] | None = None,
     log: Callable[[str], None] | None = None,
+    stop_at_step: int | None = None,
+    evaluate_start: bool = True,
 ) -> DistillResult:
     """Distill `teacher` (or its `logit_cache`) into `student` in place within `config.num_tokens` tokens.
 
@@ -273,6 +275,10 @@ def distill(
     matched to student layer i by the intermediate-state loss (default: evenly spaced). `student` may be wrapped in
     DistributedDataParallel or sharded with FSDP2 (`nas_minitron.distill.fsdp.shard_student`); every rank must then pass
     the same `checkpoint_dir` (or None) and only rank 0 writes checkpoints (of the whole student, gathered).
+    `stop_at_step` ends the run after that optimizer step (validated and checkpointed there) while the schedule
+    stays the one over the whole `config.num_tokens`: a later call resuming from its checkpoint continues exactly
+    as an uninterrupted run (the search's rungs). A run resumed at or past it trains nothing and returns its curve.
+    `evaluate_start=False` skips the step-0 validation (a caller that already has it).
     Raises NonFiniteLossError on a NaN/Inf loss. `log` receives one line saying where and in which dtypes the run
     trains (and what was cast); without it the line goes to this module's logger. The result records the same
     (`device`, `param_dtype`, `compute_dtype`). Precision: see the module docstring.
@@ -296,7 +302,12 @@ def distill(
             + "".join(f"; {note}" for note in notes if note))
     (log or _LOG.info)(line)
     run = _Run(student, model, objective, config, device, teacher, logit_cache)
-    run.start(checkpoint_dir if _is_rank_zero() else None, checkpoint_dir, resume, val_sequences, on_eval)
+    run.start(checkpoint_dir if _is_rank_zero() else None, checkpoint_dir, resume, val_sequences,
+              on_eval if evaluate_start else None, evaluate_start)
+    if stop_at_step is not None:
+        if not 0 <= stop_at_step <= run.num_steps:
+            raise ValueError(f"stop_at_step {stop_at_step} is outside 0..{run.num_steps}")
+        run.last_step = stop_at_step
     stream = _BatchStream(train_batches, config.batch_size, config.seq_len)
     stream.skip(run.data_position)
     result = run.train(stream, val_sequences, on_eval, on_checkpoint, on_step)
@@ -327,6 +338,7 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, self.num_steps))
         self.autocast = _autocast(config, device)
         self.step = self.data_position = 0
+        self.last_step = self.num_steps  # where this call stops (stop_at_step); the schedule spans num_steps
         self.curve: list[EvalPoint] = []
         self.loss_sum, self.loss_count = 0.0, 0
         self.wall_s_before = 0.0
@@ -343,7 +355,7 @@ class _Run:
         return self.wall_s_before + time.perf_counter() - self.started
 
     def start(self, write_dir: Path | None, read_dir: Path | None, resume: bool, val: torch.Tensor,
-              on_eval: Callable[[EvalPoint], None] | None) -> None:
+              on_eval: Callable[[EvalPoint], None] | None, evaluate: bool = True) -> None:
         """Resume from the newest checkpoint, or validate at step 0 (refusing to overwrite old checkpoints)."""
         self.checkpoint_dir, self.checkpointing = write_dir, read_dir is not None
         latest = latest_checkpoint(read_dir)
@@ -359,18 +371,22 @@ class _Run:
             self.wall_s_before, self.resumed_from = float(state["wall_s"]), self.step
             self.last_checkpoint_s = self.wall_s_before
             return
+        if not evaluate:
+            return
         point = self._evaluate(val)
         if on_eval is not None:
             on_eval(point)
 
     def _evaluate(self, val: torch.Tensor) -> EvalPoint:
         val = val[: self.config.num_val_sequences]
-        val_loss, val_kl = validate(self.student, val, self.teacher, self.cache, self.config.batch_size,
-                                    self.autocast, self.config.loss_chunk_tokens)
+        loss_seq, kl_seq = validate_sequences(self.student, val, self.teacher, self.cache, self.config.batch_size,
+                                              self.autocast, self.config.loss_chunk_tokens)
+        val_loss, val_kl = float(loss_seq.mean()), float(kl_seq.mean())
         train_loss = self.loss_sum / self.loss_count if self.loss_count else math.nan
         val_loss, val_kl, train_loss = _same_on_all_ranks(val_loss, val_kl, train_loss, self.device)
         self.loss_sum, self.loss_count = 0.0, 0
-        point = EvalPoint(self.step, self.step * self.tokens_per_step, val_loss, val_kl, train_loss, self.wall_s())
+        point = EvalPoint(self.step, self.step * self.tokens_per_step, val_loss, val_kl, train_loss, self.wall_s(),
+                          val_loss_seq=tuple(loss_seq.tolist()), val_kl_seq=tuple(kl_seq.tolist()))
         self.curve.append(point)
         return point
 
@@ -438,7 +454,7 @@ class _Run:
     def train(self, stream: _BatchStream, val: torch.Tensor, on_eval: Callable[[EvalPoint], None] | None,
               on_checkpoint: Callable[[Path], None] | None,
               on_step: Callable[[StepInfo], None] | None) -> DistillResult:
-        while self.step < self.num_steps:
+        while self.step < self.last_step:
             lr = self.optimizer.param_groups[0]["lr"]
             loss = self._train_step(stream)
             self.step += 1
@@ -446,13 +462,15 @@ class _Run:
             self.loss_count += 1
             if on_step is not None:
                 on_step(StepInfo(self.step, self.step * self.tokens_per_step, loss, lr, self.wall_s()))
-            if self.step % self.eval_every_steps == 0 or self.step == self.num_steps:
+            if self.step % self.eval_every_steps == 0 or self.step in (self.num_steps, self.last_step):
                 point = self._evaluate(val)
                 self._checkpoint(on_checkpoint)  # before on_eval, so that a search trial reports both together
                 if on_eval is not None:
                     on_eval(point)
             elif self._checkpoint_due():  # between validations (long full distillations): no eval point to pair
                 self._checkpoint(None)
+        if not self.curve:  # evaluate_start=False and no step taken: validate once so the result has a point
+            self.curve.append(self._evaluate(val))
         last = self.curve[-1]
         return DistillResult(
             curve=tuple(self.curve),

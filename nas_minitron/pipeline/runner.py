@@ -18,7 +18,7 @@ from nas_minitron.atomic import write_json_atomic
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import find_tasks, resolve_tasks
 from nas_minitron.families import describe
-from nas_minitron.pipeline import stages
+from nas_minitron.pipeline import halving_stage, stages
 from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
 from nas_minitron.pipeline.settings import SearchSettings, differences
@@ -31,7 +31,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
     "candidates": stages.candidates,
     "importance": stages.importance,
     "logit_cache": stages.logit_cache,
-    "trials": stages.trials,
+    "trials": lambda run: (halving_stage.rung_trials if run.settings.strategy == "rungs" else stages.trials)(run),
     "winners": stages.winners,
     "distill": stages.distill_winners,
     "eval": stages.evaluate,
@@ -117,7 +117,14 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
     `to_run`: the stages this invocation may run (all, or up to --stop-after)."""
     _check_scratch_dir(settings.scratch_dir)
     if new:
-        stages.find_candidates(settings, resolved["budget_params"])  # an unreachable budget fails in a second
+        space, teacher_config, found = stages.find_candidates(settings, resolved["budget_params"])  # a second
+        if settings.strategy == "rungs" and settings.screen is not None:
+            baselines = stages.baseline_names(settings, space, teacher_config, resolved["budget_params"], found)
+            low = max(1, settings.winners, len(baselines))
+            if not low <= settings.screen <= len(found):
+                raise UserError(f"--screen {settings.screen} must be between {low} (the winners and the "
+                                f"{len(baselines)} enqueued baselines) and the {len(found)} candidates within the "
+                                f"budget window, or none for all.")
     if "eval" in to_run and "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours
         find_tasks(list(resolve_tasks(settings.eval_tasks)))
 

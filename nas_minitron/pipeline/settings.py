@@ -44,10 +44,24 @@ class SearchSettings:
     """relative distance to the budget a candidate may have (default: the space's)"""
     max_candidates: int | None = None
     """keep at most this many candidates, closest to the budget first"""
+    strategy: str = "rungs"
+    """rungs: screen every candidate untrained, then successive halving over --rungs (the best 1/--eta of each
+    rung continue from their checkpoint); sample: --trials short distillations that Optuna's sampler proposes"""
+    rungs: str | None = None
+    """token budgets of the rungs, e.g. 0,1k,4k (rounded to whole steps; 0 = untrained screening; the top one at
+    most --short-tokens); none: 0, then budgets growing by --eta up to --short-tokens"""
+    eta: int = 3
+    """successive halving keeps the best ceil(n / eta) of each rung (more when the validation sequences cannot
+    separate them from the cut, up to twice that)"""
+    screen: int | None = None
+    """candidates screened at rung 0, chosen by the Optuna sampler on the rung-0 objectives when fewer than all
+    (the enqueued baselines always); none: every candidate"""
+    stop_when_stable: bool = False
+    """end the rungs early once two rung-to-rung comparisons kept the same best with Kendall tau >= 0.8"""
     trials: int = 4
-    """search trials (short distillations)"""
+    """search trials (short distillations) of --strategy sample"""
     short_tokens: int = 4096
-    """distillation tokens per trial"""
+    """distillation tokens per trial (--strategy rungs: the top rung's budget, over which the schedule runs)"""
     winners: int = 1
     """candidates fully distilled and evaluated"""
     full_tokens: int = 8192
@@ -64,7 +78,7 @@ class SearchSettings:
     """calibration sequences for importance (the papers use 1024)"""
     loss_sequences: int = 2
     """sequences on which layer-removal LM losses are measured"""
-    validation_sequences: int = 8
+    validation_sequences: int = 16
     """held-out sequences for validation metrics"""
     evals_per_trial: int = 2
     """validation points after step 0 of each distillation, short and full (fewer if it has fewer steps)"""
@@ -206,13 +220,46 @@ def _validate(s: SearchSettings) -> None:
     if s.asha and len(s.objectives) > 1:
         problems.append(f"asha stops trials on one objective, but got {len(s.objectives)} objectives "
                         f"{list(s.objectives)!r}; drop --asha or give one objective")
-    if s.winners > s.trials:
-        problems.append(f"winners ({s.winners}) cannot exceed trials ({s.trials})")
+    problems.extend(_strategy_problems(s))
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"device must be auto, cpu or cuda, but got {s.device!r}")
     problems.extend(_full_distill_problems(s))
     if problems:
         raise UserError("; ".join(problems) + ".")
+
+
+STRATEGIES = ("rungs", "sample")
+
+
+def search_rungs(s: SearchSettings) -> tuple[int, ...]:
+    """The rung ladder of --strategy rungs in tokens (UserError on a bad --rungs)."""
+    from nas_minitron.search.rungs import default_rungs, parse_rungs
+
+    per_step = s.seq_len * s.batch_size
+    if s.rungs is None:
+        return default_rungs(s.short_tokens, max(2, s.eta), per_step)
+    return parse_rungs(s.rungs, s.short_tokens, per_step)
+
+
+def _strategy_problems(s: SearchSettings) -> list[str]:
+    if s.strategy not in STRATEGIES:
+        return [f"strategy must be one of {', '.join(STRATEGIES)}, but got {s.strategy!r}"]
+    if s.strategy == "sample":
+        return [f"winners ({s.winners}) cannot exceed trials ({s.trials})"] if s.winners > s.trials else []
+    problems = []
+    if s.eta < 2:
+        problems.append(f"eta must be >= 2 (each rung keeps 1/eta of its candidates), but got {s.eta!r}")
+    if s.screen is not None and s.screen < max(1, s.winners):
+        problems.append(f"screen ({s.screen}) must be at least winners ({s.winners})")
+    if s.asha:
+        problems.append("asha belongs to --strategy sample (the rungs already stop the worse candidates); drop "
+                        "--asha or pass --strategy sample")
+    if s.seq_len >= 1 and s.batch_size >= 1 and s.short_tokens >= 1:
+        try:
+            search_rungs(s)
+        except UserError as err:
+            problems.append(str(err).rstrip("."))
+    return problems
 
 
 def full_distill_workers(s: SearchSettings) -> tuple[int, bool]:

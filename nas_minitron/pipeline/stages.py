@@ -119,17 +119,24 @@ def stop_ray() -> None:
 
 
 # ---- candidates ----------------------------------------------------------------------------------------------
-def candidates(run: Run) -> dict[str, Any]:
-    s = run.settings
-    budget = run.resolved.budget_params
-    space, teacher_config, found = find_candidates(s, budget)
-    write_csv(run.path("candidates.csv"), [c.row() for c in found], CANDIDATE_COLUMNS)
+def baseline_names(s: SearchSettings, space: SearchSpace, teacher_config: dict[str, Any], budget: int,
+                   found: list[Candidate]) -> list[str]:
+    """The no-search baselines the search always scores (pure width, pure depth) that are among the candidates."""
     names = {c.name for c in found}
     baselines = []
     for pick in (best_pure_width, best_pure_depth):
         best = pick(space, teacher_config, budget, s.tolerance)
         if best is not None and best.name in names:  # enqueue only what the candidate list can decode
             baselines.append(best.name)
+    return baselines
+
+
+def candidates(run: Run) -> dict[str, Any]:
+    s = run.settings
+    budget = run.resolved.budget_params
+    space, teacher_config, found = find_candidates(s, budget)
+    write_csv(run.path("candidates.csv"), [c.row() for c in found], CANDIDATE_COLUMNS)
+    baselines = baseline_names(s, space, teacher_config, budget, found)
     run.log(f"  {len(found)} candidates within the budget window; baselines: {', '.join(baselines) or 'none'}")
     return {"num_candidates": len(found), "baselines": baselines}
 

@@ -29,11 +29,13 @@ from nas_minitron.pipeline.run_dir import STAGES, stage_marker
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.report.plots import (
     eval_figures,
+    human,
     importance_figures,
     loss_curve_figure,
     parallel_figure,
     pareto_figure,
     ranking_figures,
+    rung_figures,
 )
 
 if TYPE_CHECKING:
@@ -193,11 +195,86 @@ def _evaluation(section: Section, run_dir: Path) -> None:
         section.notes.append(f"peak memory measured by: {methods or 'unknown'}; KV cache bytes from the config.")
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "?"
+
+
+def _answer(section: Section, run_dir: Path, winners: pd.DataFrame | None) -> None:
+    """The headline: the pick, its size, its quality against the teacher and the best no-search baseline, its
+    speed and KV memory; before any table."""
+    if winners is None or winners.empty:
+        section.missing = "no winner yet (winners.csv is missing)."
+        return
+    config = _read_json(run_dir / "config.json")
+    pick = winners.iloc[0]
+    name, params = str(pick["name"]), float(pick["params"])
+    budget, teacher = float(config.get("budget_params") or 0), float(config.get("teacher_params") or 0)
+    lines = [f"Pick: {name}, {human(params)} parameters = {_ratio(params, budget)} the budget "
+             f"({human(budget)}) and {_ratio(params, teacher)} the teacher ({human(teacher)}, "
+             f"{config.get('teacher_arch', '?')})."]
+    distilled = _read_json(run_dir / "winners" / name / RECORD_FILE)
+    if distilled.get("val_kl") is not None:
+        lines.append(f"After its full distillation ({int(pick.get('total_tokens') or 0):,} tokens in all): "
+                     f"validation KL to the teacher {float(distilled['val_kl']):.4f}, LM loss "
+                     f"{float(distilled['val_loss']):.4f}.")
+    rungs = _read_csv(run_dir / "rungs.csv")
+    baselines = _read_json(stage_marker(run_dir, "candidates")).get("baselines", [])
+    if rungs is not None and baselines:
+        done = rungs[rungs["status"] == "COMPLETE"]
+        for base in baselines:
+            mine = done[done["name"] == base]
+            if mine.empty or base == name:
+                continue
+            at = int(mine["tokens"].max())
+            ours = done[(done["name"] == name) & (done["tokens"] == at)]
+            theirs = float(mine[mine["tokens"] == at]["val_kl"].iloc[0])
+            if not ours.empty:
+                lines.append(f"Against the no-search baseline {base} at {human(at)} tokens: val KL "
+                             f"{float(ours['val_kl'].iloc[0]):.4f} vs {theirs:.4f} (lower is better).")
+    results, speed = read_eval(run_dir)
+    wide = wide_table(eval_table(results)) if results else None
+    if wide is not None and not wide.empty and "teacher" in wide.columns:
+        main = wide[~wide.index.get_level_values("metric").str.endswith("_stderr")]
+        student = next((c for c in main.columns if c != "teacher"), None)
+        if student is not None:
+            task, metric = main.index[0]
+            lines.append(f"Held-out {task} {metric}: {float(main[student].iloc[0]):.3f} vs the teacher's "
+                         f"{float(main['teacher'].iloc[0]):.3f}.")
+    if not speed.empty and "teacher" in set(speed["model"]):
+        t = speed[speed["model"] == "teacher"].iloc[0]
+        others = speed[speed["model"] != "teacher"]
+        if not others.empty:
+            w = others.iloc[0]
+            lines.append(f"Speed ({w['device']}, batch {int(w['batch_size'])} x {int(w['seq_len'])}): prefill "
+                         f"{_ratio(w['prefill_tok_s'], t['prefill_tok_s'])}, decode "
+                         f"{_ratio(w['decode_tok_s'], t['decode_tok_s'])} the teacher's; KV cache "
+                         f"{_ratio(t['kv_cache_bytes'], w['kv_cache_bytes'])} smaller "
+                         f"({human(float(w['kv_cache_bytes']))}B vs {human(float(t['kv_cache_bytes']))}B).")
+    section.notes = lines + section.notes
+
+
+def _rungs(section: Section, run_dir: Path) -> None:
+    rungs = _read_csv(run_dir / "rungs.csv")
+    if rungs is None:
+        section.missing = "rungs.csv is missing (not a --strategy rungs search, or its trials have not finished)."
+        return
+    stats = _read_csv(run_dir / "rung_stats.csv")
+    section.figures += rung_figures(rungs, stats)
+    if stats is not None:
+        section.tables["rung_stats"] = stats
+    section.tables["rungs"] = rungs
+    section.notes.append("Each rung continues the promoted candidates from their checkpoint under one schedule over "
+                         "the top rung. rung_stats: spearman/kendall = rank correlation with the rung before over "
+                         "this rung's candidates; top1_same = the best here was the best of them before.")
+
+
 def _build_sections(run_dir: Path) -> tuple[list[Section], list[str]]:
     stages = _stage_status(run_dir)
     trials, winners = _read_csv(run_dir / "trials.csv"), _read_csv(run_dir / "winners.csv")
+    answer = _guarded(Section("answer", "The answer"), _answer, run_dir, winners)
     summary = _guarded(Section("summary", "Run summary"), _summary, run_dir, stages, trials)
-    sections = [summary, *_search_sections(run_dir, trials, winners)]
+    rung_section = _guarded(Section("rungs", "Successive halving: rungs"), _rungs, run_dir)
+    sections = [answer, summary, rung_section, *_search_sections(run_dir, trials, winners)]
     sections.append(_guarded(Section("importance", "Importance"), _importance, run_dir))
     sections.append(_guarded(Section("eval", "Evaluation"), _evaluation, run_dir))
     missing = [f"{row.stage} ({row.status})" for row in stages.itertuples() if row.status != "complete"]
@@ -213,6 +290,7 @@ table.nm td,table.nm th{border:1px solid #ccc;padding:3px 8px;text-align:right;w
 .missing{background:#fff4e5;border-left:6px solid #e4572e;padding:8px 16px;margin:16px 0}
 .errors{background:#fde8e8;color:#8b0000;border:2px solid #8b0000;padding:8px;white-space:pre-wrap}
 .note{color:#555;font-size:13px} .plot{margin:12px 0}
+.answer{font-size:17px;margin:6px 0;padding:6px 12px;background:#eef6ee;border-left:6px solid #2e7d32}
 """
 # Installed before plotly.js runs: script errors and console.error calls land in a visible box and in
 # data attributes, and every fetched resource URL is listed, so that a headless browser can check the page.
@@ -247,6 +325,9 @@ def _section_html(section: Section, figure_divs: list[str]) -> str:
     parts = [f'<section id="{section.key}"><h2>{html.escape(section.title)}</h2>']
     if section.missing:
         parts.append(f'<p class="missing">not available: {html.escape(section.missing)}</p>')
+    if section.key == "answer":  # the headline: prominent, before anything else
+        parts += [f'<p class="answer">{html.escape(line)}</p>' for line in section.notes]
+        section = Section(section.key, section.title, tables=section.tables)
     parts += [f'<div class="plot">{div}</div>' for div in figure_divs]
     for name, table in section.tables.items():
         parts.append(f'<h3>{html.escape(name)} <span class="note">({html.escape(name)}.csv)</span></h3>')

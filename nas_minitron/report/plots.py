@@ -23,12 +23,14 @@ else:
 
 __all__ = [
     "eval_figures",
+    "human",
     "importance_figures",
     "loss_curve_figure",
     "parallel_figure",
     "pareto_figure",
     "pareto_mask",
     "ranking_figures",
+    "rung_figures",
     "spearman",
 ]
 
@@ -198,5 +200,50 @@ def eval_figures(wide: pd.DataFrame, speed: pd.DataFrame) -> list[go.Figure]:
                    barmode="group")
         fig.add_bar(x=speed["model"], y=speed["prefill_tok_s"], name="prefill")
         fig.add_bar(x=speed["model"], y=speed["decode_tok_s"], name="decode")
+        figs.append(fig)
+    return figs
+
+
+def human(n: float) -> str:
+    """4.51B, 65.1M, 512K, 12: three significant digits for people."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.3g}"
+
+
+def rung_figures(rungs: pd.DataFrame, stats: pd.DataFrame | None) -> list[go.Figure]:
+    """The successive-halving search (rungs.csv): each candidate's rank over the rungs (stopped ones end where they
+    were stopped), the value with its bootstrap interval at every rung, and the compute spent per rung."""
+    figs = []
+    done = rungs[rungs["status"] == "COMPLETE"].copy()
+    ticks = sorted(done["tokens"].unique())
+    labels = [human(float(t)) if t else "0 (untrained)" for t in ticks]
+    fig = _fig(title="Rank over rungs (1 = best; a line ends where the candidate was stopped)",
+               xaxis=dict(title="distillation tokens (rung)", tickvals=list(range(len(ticks))), ticktext=labels),
+               yaxis=dict(title="rank in its rung", autorange="reversed"), height=520)
+    position = {t: i for i, t in enumerate(ticks)}
+    final = done[done["tokens"] == ticks[-1]]["name"].tolist() if ticks else []
+    for name, part in done.sort_values("tokens").groupby("name"):
+        fig.add_scatter(x=[position[t] for t in part["tokens"]], y=part["rank"], mode="lines+markers", name=str(name),
+                        line=dict(width=3 if name in final else 1), opacity=1.0 if name in final else 0.45)
+    figs.append(fig)
+    fig = _fig(title="Validation value per rung, with 95% bootstrap intervals over validation sequences",
+               xaxis=dict(title="candidate (sorted by value at its last rung)"), yaxis=dict(title="val KL"),
+               height=520)
+    for tokens in ticks:
+        part = done[done["tokens"] == tokens].sort_values("val_kl")
+        low = part["val_kl"] - part["ci_low"]
+        high = part["ci_high"] - part["val_kl"]
+        fig.add_scatter(x=part["name"], y=part["val_kl"], mode="markers", name=f"rung {human(float(tokens))} tokens",
+                        error_y=dict(type="data", array=high, arrayminus=low, visible=True))
+    figs.append(fig)
+    if stats is not None and not stats.empty:
+        fig = _fig(title="Compute per rung", xaxis=dict(title="rung (tokens)"),
+                   yaxis=dict(title="distillation tokens spent"), barmode="group")
+        fig.add_bar(x=[human(float(t)) for t in stats["tokens"]], y=stats["new_tokens"], name="tokens")
+        fig.add_bar(x=[human(float(t)) for t in stats["tokens"]], y=stats["trial_s"], name="trial-seconds",
+                    yaxis="y2")
+        fig.update_layout(yaxis2=dict(title="trial-seconds", overlaying="y", side="right"))
         figs.append(fig)
     return figs

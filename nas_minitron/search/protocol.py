@@ -17,8 +17,8 @@ from typing import Any
 from nas_minitron.distill.config import DistillConfig
 
 __all__ = ["FAILED_KEY", "FATAL_KEY", "FINAL_KEY", "PLACEMENT_KEYS", "SAMPLERS", "TRIAL_STATUSES", "Report",
-           "TrialRecord", "TrialSpec", "trial_log_path", "trial_result_path", "trial_scratch_dir",
-           "trial_weights_path"]
+           "TrialRecord", "TrialSpec", "rung_checkpoint_dir", "rung_result_path", "trial_log_path",
+           "trial_result_path", "trial_scratch_dir", "trial_weights_path"]
 
 FAILED_KEY = "failed"  # a trial whose loss went non-finite reports this; Optuna is told FAIL
 FINAL_KEY = "final"  # set on a trial's last report only; a trial stopped early never sends it
@@ -83,6 +83,18 @@ def trial_weights_path(run_dir: str | Path, arch_name: str) -> Path:
     """Where a finished candidate's trained student is kept (from_pretrained-loadable, with its pruning plan), as
     long as it can still be a winner; written before its result JSON."""
     return Path(run_dir) / "trial_results" / arch_name
+
+
+def rung_result_path(run_dir: str | Path, rung: int, arch_name: str) -> Path:
+    """Where a candidate's result at one rung of the successive-halving search is kept (written once, atomically)."""
+    return Path(run_dir) / "rungs" / f"rung-{rung}" / f"{arch_name}.json"
+
+
+def rung_checkpoint_dir(run_dir: str | Path, arch_name: str) -> Path:
+    """A candidate's training checkpoint between rungs (one `step-*` kept, with its pruning plan beside it), in
+    the run directory so that a promoted candidate continues on whichever node Ray places it; deleted when the
+    candidate is stopped or the search ends."""
+    return Path(run_dir) / "rungs" / "checkpoints" / arch_name
 
 
 def trial_log_path(run_dir: str | Path, arch_name: str) -> Path:

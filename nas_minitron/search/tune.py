@@ -8,6 +8,7 @@ per Ray trial.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -40,7 +41,8 @@ else:
     callbacks = lazy_import("nas_minitron.search.callbacks")  # subclasses Tune's Callback: importing it loads ray
 
 __all__ = ["RayOptions", "check_resources", "close_orphans", "connect_ray", "discard_experiment", "fatal_message",
-           "largest_node_gpus", "make_sampler", "optuna_numbers", "run_trials", "study_storage_url",
+           "finish_study", "largest_node_gpus", "make_sampler", "optuna_numbers", "propose", "record_rung",
+           "run_rung_trials", "run_trials", "screening_study", "study_storage_url", "told_screen",
            "tpe_startup_trials", "trial_records"]
 
 STUDY_NAME = "nas-minitron"
@@ -361,3 +363,118 @@ def optuna_numbers(storage_url: str) -> dict[str, int]:
     except KeyError:
         return {}
     return {t.user_attrs["ray_trial_id"]: t.number for t in study.trials if "ray_trial_id" in t.user_attrs}
+
+
+# ---- successive halving: one Ray Tune experiment per rung (search/halving.py drives them) ------------------------
+def _rung_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
+    """One candidate at one rung (`worker.run_rung`); its checkpoint lives in the run directory, not with Ray."""
+    from nas_minitron.search.worker import run_rung
+
+    def report(metrics: dict[str, Any], _checkpoint_dir: Path | None) -> None:
+        tune.report(metrics)
+
+    trial_id = str(tune.get_context().get_trial_id() or "")
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+    run_rung(config["arch"], spec, int(config["rung"]), int(config["tokens"]), report, trial_id=trial_id,
+             gpu_ids=gpu_ids)
+
+
+def run_rung_trials(spec: TrialSpec, options: RayOptions, rung: int, tokens: int, names: Sequence[str], *,
+                    log: Callable[[str], None] | None = None) -> list[TrialRecord]:
+    """Run `names` at one rung as one Ray Tune experiment (a grid over the names) and return its records.
+
+    The experiment is never restored: a driver that died mid-rung leaves the rung's finished results in the run
+    directory (`rung_result_path`) and its candidates' checkpoints there too, so the next driver starts a fresh
+    experiment for the candidates without a result; nothing Ray pickled is ever read back.
+    """
+    storage_path = str(Path(spec.run_dir).resolve() / "ray")
+    name = f"rung-{rung}"
+    shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+    trainable = tune.with_resources(tune.with_parameters(_rung_trainable, spec=spec),
+                                    {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"arch": tune.grid_search(list(names)), "rung": rung, "tokens": tokens},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=options.max_concurrent),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            callbacks=[callbacks.TrialLogNames(spec.run_dir, log)],
+            stop=callbacks.FatalStopper(),
+            verbose=0,  # the driver logs each rung's decisions; trial logs name themselves (TrialLogNames)
+        ),
+    )
+    return trial_records(tuner.fit())
+
+
+def screening_study(objectives: Sequence[str], options: RayOptions, num_candidates: int) -> optuna.Study:
+    """An in-memory study whose sampler chooses which candidates rung 0 screens (`--screen`); the record of the
+    search is the study in storage (`record_rung`), this one only drives the sampler."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(sampler=make_sampler(options.sampler, len(objectives), options.seed, num_candidates),
+                               directions=["minimize"] * len(objectives))
+
+
+def propose(study: optuna.Study, archs: Sequence[ArchConfig]) -> tuple[optuna.trial.Trial, str]:
+    """Ask the screening study for one candidate (through the define-by-run space)."""
+    trial = study.ask()
+    return trial, searcher.CandidateSpace(archs)(trial)["arch"]
+
+
+def told_screen(study: optuna.Study, archs: Sequence[ArchConfig], name: str, values: Sequence[float]) -> None:
+    """Tell the screening study a screened candidate's rung-0 values (a finished trial added at its point)."""
+    point = encode(archs, ArchConfig.parse(name, archs[0].head_dim))
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {
+        k: optuna.distributions.FloatDistribution(0.0, 1.0) for k in point}
+    study.add_trial(optuna.trial.create_trial(params=point, distributions=distributions, values=list(values)))
+
+
+def _record_study(storage_url: str, num_objectives: int) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage_url, load_if_exists=True,
+                               directions=["minimize"] * num_objectives)
+
+
+def record_rung(storage_url: str, archs: Sequence[ArchConfig], objectives: Sequence[str], tokens: int,
+                rows: Sequence[dict[str, Any]]) -> None:
+    """Record one rung in the one Optuna study: a trial per candidate (created at its first rung, its point the
+    candidate's), the rung's value an intermediate value at step `tokens` (one objective; with several, Optuna has
+    no intermediate values and the user attribute `rung_<tokens>` holds them), its interval a user attribute.
+    Idempotent: a resumed driver records nothing twice."""
+    study = _record_study(storage_url, len(objectives))
+    by_arch = {t.user_attrs.get("arch"): t for t in study.get_trials(deepcopy=False)}
+    space = searcher.CandidateSpace(archs)
+    for row in rows:
+        name = str(row["name"])
+        existing = by_arch.get(name)
+        if existing is None:
+            study.enqueue_trial(encode(archs, ArchConfig.parse(name, archs[0].head_dim)), user_attrs={"arch": name})
+            trial = study.ask()
+            space(trial)
+        elif existing.state == optuna.trial.TrialState.RUNNING:
+            trial = optuna.trial.Trial(study, existing._trial_id)
+        else:
+            continue
+        raw = [row.get(k) for k in objectives]
+        values = [float(v) for v in raw if isinstance(v, (int, float)) and math.isfinite(v)]
+        if len(values) != len(objectives):
+            continue
+        if len(objectives) == 1 and tokens not in (existing.intermediate_values if existing else {}):
+            trial.report(values[0], step=tokens)
+        trial.set_user_attr(f"rung_{tokens}", values)
+        if row.get("ci_low") is not None:
+            trial.set_user_attr(f"rung_{tokens}_interval", [row["ci_low"], row["ci_high"]])
+
+
+def finish_study(storage_url: str, objectives: Sequence[str],
+                 outcome: dict[str, tuple[str, list[float] | None]]) -> None:
+    """Close the candidates' Optuna trials: name -> (COMPLETE with its values | PRUNED | FAIL)."""
+    study = _record_study(storage_url, len(objectives))
+    states = {"PRUNED": optuna.trial.TrialState.PRUNED, "FAIL": optuna.trial.TrialState.FAIL}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        state, values = outcome.get(str(trial.user_attrs.get("arch")), ("", None))
+        if state == "COMPLETE" and values is not None:
+            study.tell(trial.number, values if len(values) > 1 else values[0])
+        elif state in states:
+            study.tell(trial.number, state=states[state])

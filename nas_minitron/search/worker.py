@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import atomic_directory, write_json_atomic
 from nas_minitron.data import load_sequences
+from nas_minitron.distill.checkpoint import latest_checkpoint
 from nas_minitron.distill.config import DistillConfig, EvalPoint, NonFiniteLossError
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.trainer import distill
@@ -50,6 +52,8 @@ from nas_minitron.search.protocol import (
     FINAL_KEY,
     Report,
     TrialSpec,
+    rung_checkpoint_dir,
+    rung_result_path,
     trial_log_path,
     trial_result_path,
     trial_scratch_dir,
@@ -64,7 +68,8 @@ else:
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
 
-__all__ = ["TrialRefused", "placement", "redirect_output", "run_candidate", "trial_device"]
+__all__ = ["TrialRefused", "export_rung_weights", "placement", "redirect_output", "run_candidate", "run_rung",
+           "trial_device"]
 
 
 class TrialRefused(RuntimeError):
@@ -204,16 +209,107 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
                     f"cannot write the trial checkpoint directory {str(scratch)!r} on node {socket.gethostname()}: "
                     f"{err.strerror or err}; choose another --scratch-dir.") from None
         except TrialRefused as err:
-            print(f"trial refused: {err}", flush=True)
-            report({"arch": arch_name, **spec.shape_objectives.get(arch_name, {}), FATAL_KEY: str(err),
-                    FAILED_KEY: True, FINAL_KEY: False, "error": str(err), "val_kl": float("inf"),
-                    "val_loss": float("inf")}, None)
+            _refuse(arch_name, spec, report, err)
             return
         try:
             _train(arch_name, spec, report, resume_dir, device, scratch, gpu_ids)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # its parent (the run's, shared by this node's trials) stays:
             # removing it could race another trial's mkdir of its own folder inside it
+
+
+def _refuse(arch_name: str, spec: TrialSpec, report: Report, err: TrialRefused) -> None:
+    print(f"trial refused: {err}", flush=True)
+    report({"arch": arch_name, **spec.shape_objectives.get(arch_name, {}), FATAL_KEY: str(err), FAILED_KEY: True,
+            FINAL_KEY: False, "error": str(err), "val_kl": float("inf"), "val_loss": float("inf")}, None)
+
+
+def run_rung(arch_name: str, spec: TrialSpec, rung: int, tokens: int, report: Report, *, trial_id: str = "",
+             gpu_ids: Sequence[str] = ()) -> None:
+    """One candidate at one rung of the successive-halving search: train it to `tokens` and validate it there.
+
+    Rung 0 (`tokens` 0) only builds the pruned student and validates it. A later rung continues from the
+    candidate's checkpoint of the rung before (`rung_checkpoint_dir`; the pruned init at rung 1), under the
+    schedule over the whole `spec.distill.num_tokens`, and leaves a checkpoint at `tokens` for the next rung. The
+    result (one report carrying `final`, with per-sequence validation values) is also written to
+    `rung_result_path` before it is reported; a trial restarted after it was written only reports it again.
+    """
+    torch.set_num_threads(max(1, spec.cpus_per_trial))
+    with redirect_output(trial_log_path(spec.run_dir, arch_name)):
+        print(f"=== rung {rung} ({tokens} tokens), trial {trial_id or '-'} of {arch_name}: pid {os.getpid()} on "
+              f"{socket.gethostname()}, Ray GPU ids {list(gpu_ids)}", flush=True)
+        try:
+            device = trial_device(spec, gpu_ids)
+        except TrialRefused as err:
+            _refuse(arch_name, spec, report, err)
+            return
+        done = rung_result_path(spec.run_dir, rung, arch_name)
+        if done.is_file():
+            report({**json.loads(done.read_text())["metrics"], FINAL_KEY: True}, None)
+            return
+        _train_rung(arch_name, spec, rung, tokens, report, device, gpu_ids)
+
+
+def _train_rung(arch_name: str, spec: TrialSpec, rung: int, tokens: int, report: Report, device: str,
+                gpu_ids: Sequence[str]) -> None:
+    config = spec.distill
+    stop = tokens // config.tokens_per_step()
+    started = time.perf_counter()  # the rung's trial-seconds: building the student, training, validating
+    student, plan, teacher = _build(arch_name, spec, device)
+    where = placement(student, config, gpu_ids)
+    print(f"training on {where['device']} with {where['param_dtype']} parameters, {where['compute_dtype']} compute, "
+          f"to step {stop} of {config.num_steps()}", flush=True)
+    base = {"arch": arch_name, **spec.shape_objectives.get(arch_name, {}),
+            "params": sum(p.numel() for p in student.parameters()), FAILED_KEY: False, **where}
+    folder = rung_checkpoint_dir(spec.run_dir, arch_name) if stop > 0 else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / PLAN_FILE, plan.to_dict())
+    try:
+        result = distill(
+            student,
+            load_sequences(spec.train_path),
+            load_sequences(spec.val_path),
+            config,
+            teacher=teacher,
+            logit_cache=LogitCache.open(spec.logit_cache_dir) if spec.logit_cache_dir else None,
+            checkpoint_dir=folder,
+            resume=folder is not None,
+            stop_at_step=stop,
+            evaluate_start=stop == 0,  # rung 0 is the step-0 validation; later rungs validate only at their end
+        )
+    except NonFiniteLossError as err:
+        report({**base, FAILED_KEY: True, FINAL_KEY: True, "rung": rung, "rung_tokens": tokens, "error": str(err),
+                "val_kl": float("inf"), "val_loss": float("inf")}, None)
+        return
+    point = result.curve[-1]
+    if point.step != stop:
+        raise RuntimeError(f"rung {rung} of {arch_name} ended at step {point.step}, not {stop}")
+    metrics = {**base, **point.to_dict(), "rung": rung, "rung_tokens": tokens,
+               "rung_wall_s": time.perf_counter() - started, FINAL_KEY: True}
+    write_json_atomic(rung_result_path(spec.run_dir, rung, arch_name),
+                      {"arch": arch_name, "rung": rung, "tokens": tokens, "metrics": metrics})
+    report(metrics, None)
+
+
+def export_rung_weights(run_dir: str | Path, arch_name: str, rung: int, tokens: int) -> Path:
+    """Turn a candidate's last rung checkpoint into its trial weights (`trial_weights_path`, from_pretrained-
+    loadable with the pruning plan) and its `trial_result_path` record, as a finished trial leaves them: the
+    winners' full distillation continues from there. Returns the weights folder."""
+    folder = rung_checkpoint_dir(run_dir, arch_name)
+    latest = latest_checkpoint(folder)
+    if latest is None:
+        raise FileNotFoundError(f"no rung checkpoint of {arch_name} in {folder}")
+    record = json.loads(rung_result_path(run_dir, rung, arch_name).read_text())
+    weights = trial_weights_path(run_dir, arch_name)
+    with atomic_directory(weights, overwrite=True) as tmp:
+        for item in (latest / "student").iterdir():
+            shutil.copy2(item, tmp / item.name)
+        shutil.copy2(folder / PLAN_FILE, tmp / PLAN_FILE)
+    write_json_atomic(trial_result_path(run_dir, arch_name), {
+        "arch": arch_name, "trial_dir": str(latest), "final": record["metrics"], "curve": [record["metrics"]],
+        "weights": {"path": str(weights.relative_to(Path(run_dir))), "num_tokens": tokens}})
+    return weights
 
 
 def _train(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | None, device: str, scratch: Path,
