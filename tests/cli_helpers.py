@@ -10,8 +10,9 @@ from pathlib import Path
 
 # A search on a tiny teacher that finishes in about a minute (3 trials, 2 at once).
 TINY_SEARCH_ARGS = ("--budget", "0.6x", "--space", "tiny", "--strategy", "sample", "--trials", "3",
-                    "--short-tokens", "256", "--full-tokens", "128", "--seq-len", "32", "--batch-size", "2", "--calibration-samples", "8",
-                    "--validation-sequences", "4", "--eval-limit", "8", "--topk", "16", "--max-concurrent", "2")
+                    "--short-tokens", "256", "--full-tokens", "128", "--seq-len", "32", "--batch-size", "2",
+                    "--calibration-samples", "8", "--validation-sequences", "4", "--eval-limit", "8", "--topk", "16",
+                    "--max-concurrent", "2")
 # The same tiny search with the successive-halving strategy: the 8 candidates closest to the budget, all screened,
 # rungs 0, 64, 256 tokens, eta 2 (8 -> 4 -> 2 trials).
 TINY_RUNG_ARGS = tuple(a for a in TINY_SEARCH_ARGS if a not in ("--strategy", "sample", "--trials", "3")) + (
