@@ -214,7 +214,8 @@ def _answer(section: Section, run_dir: Path, winners: pd.DataFrame | None) -> No
              f"{config.get('teacher_arch', '?')})."]
     distilled = _read_json(run_dir / "winners" / name / RECORD_FILE)
     if distilled.get("val_kl") is not None:
-        lines.append(f"After its full distillation ({int(pick.get('total_tokens') or 0):,} tokens in all): "
+        total = pd.to_numeric(pick.get("total_tokens"), errors="coerce")
+        lines.append(f"After its full distillation ({'?' if pd.isna(total) else f'{int(total):,}'} tokens in all): "
                      f"validation KL to the teacher {float(distilled['val_kl']):.4f}, LM loss "
                      f"{float(distilled['val_loss']):.4f}.")
     rungs = _read_csv(run_dir / "rungs.csv")
@@ -273,8 +274,10 @@ def _build_sections(run_dir: Path) -> tuple[list[Section], list[str]]:
     trials, winners = _read_csv(run_dir / "trials.csv"), _read_csv(run_dir / "winners.csv")
     answer = _guarded(Section("answer", "The answer"), _answer, run_dir, winners)
     summary = _guarded(Section("summary", "Run summary"), _summary, run_dir, stages, trials)
-    rung_section = _guarded(Section("rungs", "Successive halving: rungs"), _rungs, run_dir)
-    sections = [answer, summary, rung_section, *_search_sections(run_dir, trials, winners)]
+    sections = [answer, summary]
+    if (run_dir / "rungs.csv").is_file() or _read_json(run_dir / "config.json").get("strategy") == "rungs":
+        sections.append(_guarded(Section("rungs", "Successive halving: rungs"), _rungs, run_dir))
+    sections += _search_sections(run_dir, trials, winners)
     sections.append(_guarded(Section("importance", "Importance"), _importance, run_dir))
     sections.append(_guarded(Section("eval", "Evaluation"), _evaluation, run_dir))
     missing = [f"{row.stage} ({row.status})" for row in stages.itertuples() if row.status != "complete"]

@@ -93,9 +93,15 @@ def pareto_figure(
             fig.add_scatter(x=[teacher_params], y=[config["teacher_val_loss"]], mode="markers", name=label,
                             marker=dict(size=14, symbol="diamond", color="black"), text=[label],
                             hovertemplate=hover)  # fmt: skip
-        fig.add_vline(x=teacher_params, line_dash="dot", line_color="black", annotation_text="teacher")
+        # not drawn as a line: at a fraction of the teacher's size it would squeeze the candidates into a corner
+        fig.update_layout(title=f"{fig.layout.title.text} (teacher {label}: {human(float(teacher_params))} "
+                                f"parameters, off this axis)")
     if config.get("budget_params"):
         fig.add_vline(x=config["budget_params"], line_dash="dash", line_color="#e4572e", annotation_text="budget")
+    xs = [float(x) for x in done["params"]] + ([float(config["budget_params"])] if config.get("budget_params") else [])
+    if xs:
+        pad = max(1.0, 0.05 * (max(xs) - min(xs)) or 0.01 * max(xs))
+        fig.update_xaxes(range=[min(xs) - pad, max(xs) + pad], tickformat=".3s")
     columns = ["name", "params", "val_loss", "val_kl", "on_front", "is_winner", *AXES]
     return fig, done[[c for c in columns if c in done.columns]].sort_values("params")
 

@@ -137,3 +137,15 @@ def test_bad_rung_settings_refused_before_any_output(tiny_teacher_dir: Path, tmp
         line = one_error_line(rung_search(tiny_teacher_dir, run_dir, *extra))
         assert words in line, (extra, line)
         assert not run_dir.exists()
+
+
+def test_screen_lets_the_sampler_choose_which_candidates_rung_0_scores(tiny_teacher_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = rung_search(tiny_teacher_dir, run_dir, "--screen", "4", "--rungs", "0,64", "--stop-after", "trials")
+    assert result.returncode == 0, result.stderr[-3000:]
+    screened = [r["name"] for r in rows(run_dir / "rungs.csv") if r["rung"] == "0"]
+    baselines = json.loads((run_dir / "stages" / "candidates.json").read_text())["baselines"]
+    assert len(screened) == len(set(screened)) == 4 and set(baselines) <= set(screened)
+    assert set(screened) <= {r["name"] for r in rows(run_dir / "candidates.csv")}
+    assert len([r for r in rows(run_dir / "rungs.csv") if r["rung"] == "1"]) == 2  # ceil(4 / 2)
