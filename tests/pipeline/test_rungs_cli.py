@@ -148,4 +148,5 @@ def test_screen_lets_the_sampler_choose_which_candidates_rung_0_scores(tiny_teac
     baselines = json.loads((run_dir / "stages" / "candidates.json").read_text())["baselines"]
     assert len(screened) == len(set(screened)) == 4 and set(baselines) <= set(screened)
     assert set(screened) <= {r["name"] for r in rows(run_dir / "candidates.csv")}
-    assert len([r for r in rows(run_dir / "rungs.csv") if r["rung"] == "1"]) == 2  # ceil(4 / 2)
+    promoted = len([r for r in rows(run_dir / "rungs.csv") if r["rung"] == "1"])
+    assert 2 <= promoted <= 4  # ceil(4 / 2), up to twice that when the validation sequences cannot separate them
