@@ -110,3 +110,24 @@ def test_stable_needs_two_stable_comparisons() -> None:
     flip = rung_stats(2, 2, {"a": 2.0, "b": 1.0, "c": 3.0}, {"a": 1.0, "b": 2.0, "c": 3.0}, 2)
     first = rung_stats(0, 0, {"a": 1.0}, None, 1)
     assert not stable([first, same]) and stable([first, same, same]) and not stable([first, same, flip])
+
+
+def test_a_rung_result_with_a_non_finite_objective_is_failed_and_never_promoted(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from nas_minitron.atomic import write_json_atomic
+    from nas_minitron.distill.config import DistillConfig
+    from nas_minitron.search.halving import _read_rung
+    from nas_minitron.search.protocol import TrialSpec, rung_result_path
+
+    run_dir = Path(str(tmp_path))
+    spec = TrialSpec(run_dir=str(run_dir), teacher_dir="", importance_dir="", train_path="", val_path="",
+                     logit_cache_dir=None, candidates=("a", "b", "c"), head_dim=8,
+                     distill=DistillConfig(num_tokens=64))
+    for name, value in (("a", 1.0), ("b", math.nan), ("c", 2.0)):
+        write_json_atomic(rung_result_path(run_dir, 1, name), {"metrics": {"val_kl": value, "val_kl_seq": [value] * 4}})
+    rows = _read_rung(spec, 1, 64, ["a", "b", "c", "d"], ["val_kl"], [], seed=0)  # d: no result at all
+    status = {r.name: r.status for r in rows}
+    assert status == {"a": "COMPLETE", "b": "FAILED", "c": "COMPLETE", "d": "FAILED"}
+    decision = promote([r.objective_row(["val_kl"]) for r in rows], ["val_kl"], 2)
+    assert decision.promoted == ("a",) and {"b", "d"} <= set(decision.stopped)
