@@ -101,7 +101,7 @@ def strategy_picks(run_dir: Path) -> list[str]:
     table = short_table(run_dir)
     top = max(p["num_tokens"] for p in next(iter(table.values()))["curve"])
     baselines = _baselines(run_dir)
-    picks = [replay_rungs(table, (0, 1024, top), 3, baselines)["pick"],
+    picks = [replay_rungs(table, (0, 1024, top), 4, baselines)["pick"],
              min(table, key=lambda n: table[n]["curve"][0]["val_kl"]),
              min(table, key=lambda n: float((_at(table[n], top) or {})["val_kl"]))]
     old = replay_old(table, run_dir, baselines, top)
@@ -141,11 +141,12 @@ def report(run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"long_run": [{"name": n, "params": params[n], "val_kl": truth[n],
                                          "long_tokens": long[n]["curve"][-1]["num_tokens"]} for n in order],
                            "subset": len(long), "candidates": len(table), "strategies": {}}
-    variants = {"rungs 0,1k,4k eta 3 (default)": ((0, 1024, top), 3, True),
+    variants = {"rungs 0,1k,4k eta 4 (default)": ((0, 1024, top), 4, True),
+                "rungs 0,1k,4k eta 3": ((0, 1024, top), 3, True),
                 "rungs 0,1k,4k eta 3 without intervals": ((0, 1024, top), 3, False),
                 "rungs 0,1k,2k,4k eta 2": ((0, 1024, 2048, top), 2, True),
                 "rungs 0,4k eta 3": ((0, top), 3, True),
-                "rungs 0,1k,4k eta 4": ((0, 1024, top), 4, True)}
+                "rungs 0,1k,4k eta 4 without intervals": ((0, 1024, top), 4, False)}
     for label, (rungs, eta, intervals) in variants.items():
         replayed = replay_rungs(table, rungs, eta, baselines, intervals=intervals)
         out["strategies"][label] = {**judge(replayed["pick"]), "tokens": replayed["tokens"],
@@ -164,6 +165,21 @@ def report(run_dir: Path) -> dict[str, Any]:
         "pick": f"{len(set(old))} different picks", "mean_long_rank": statistics.mean(ranks) if ranks else None,
         "picks_in_subset": len(ranks), "mean_regret": statistics.mean(regrets) if regrets else None,
         "p_top2": sum(r <= 2 for r in ranks) / len(ranks) if ranks else None, "tokens": OLD_TRIALS * top}
+    budget = float(json.loads((run_dir / "config.json").read_text())["budget_params"])
+    out["size_aware"] = {}
+    for window in (0.02,):  # a tighter window: does the search still find the best when size cannot carry it?
+        inside = {n: r for n, r in table.items() if abs(params[n] / budget - 1) <= window}
+        known = sorted((n for n in inside if n in truth), key=lambda n: truth[n])
+        if not known:
+            continue
+        picks = {"rungs 0,1k,4k eta 4": replay_rungs(inside, (0, 1024, top), 4, baselines)["pick"],
+                 "step-0 choice": min(inside, key=lambda n: inside[n]["curve"][0]["val_kl"]),
+                 "short-distill every candidate": min(inside,
+                                                      key=lambda n: float((_at(inside[n], top) or {})["val_kl"]))}
+        out["size_aware"][f"+-{window:.0%}"] = {
+            "candidates": len(inside), "in_long_run": known, "best": known[0],
+            "picks": {k: {"pick": v, "long_rank": known.index(v) + 1 if v in known else None,
+                          "regret": truth[v] - truth[known[0]] if v in truth else None} for k, v in picks.items()}}
     names = sorted(truth)
     out["rung_spearman_vs_long"] = {
         str(t): _spearman([float((_at(table[n], t) or {})["val_kl"]) for n in names], [truth[n] for n in names])
@@ -197,3 +213,4 @@ def _print(out: dict[str, Any]) -> None:
     print("\nSpearman with the long run, per rung (tokens):", {k: round(v, 3) for k, v in
                                                             out["rung_spearman_vs_long"].items()})
     print("Spearman(params, long-run KL):", round(out["params_spearman_vs_long"], 3))
+    print("size-aware:", json.dumps(out["size_aware"], indent=1))

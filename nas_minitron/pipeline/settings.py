@@ -50,9 +50,9 @@ class SearchSettings:
     rungs: str | None = None
     """token budgets of the rungs, e.g. 0,1k,4k (rounded to whole steps; 0 = untrained screening; the top one at
     most --short-tokens); none: 0, then budgets growing by --eta up to --short-tokens"""
-    eta: int = 3
+    eta: int = 4
     """successive halving keeps the best ceil(n / eta) of each rung (more when the validation sequences cannot
-    separate them from the cut, up to twice that)"""
+    separate them from the cut, up to twice that); 4 as Ray Tune's ASHA"""
     screen: int | None = None
     """candidates screened at rung 0, chosen by the Optuna sampler on the rung-0 objectives when fewer than all
     (the enqueued baselines always); none: every candidate"""

@@ -41,7 +41,7 @@ SEQ_KEYS = {"val_kl": "val_kl_seq", "val_loss": "val_loss_seq"}  # objectives wi
 @dataclass(frozen=True)
 class HalvingPlan:
     rungs: tuple[int, ...]  # token budgets, 0 first; the top one is the schedule's whole budget
-    eta: int = 3
+    eta: int = 4
     screen: int | None = None  # candidates rung 0 scores; None: all
     stop_when_stable: bool = False
     num_winners: int = 1

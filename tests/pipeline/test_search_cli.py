@@ -86,6 +86,7 @@ def test_search_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     assert again.stdout.count("done earlier, skipped") == 8 and "Ray dashboard" not in again.stdout
 
 
+@pytest.mark.slow  # --strategy sample; the default strategy's resume is tested in test_rungs_cli.py
 def test_nan_trial_fails_once_and_killed_trial_resumes(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoConfig
 
@@ -120,6 +121,7 @@ def _trial_dir(run_dir: Path, trial_id: str) -> str:
     return next(p.name for p in (run_dir / "ray" / "trials").iterdir() if trial_id in p.name)
 
 
+@pytest.mark.slow  # --strategy sample; the default strategy's resume is tested in test_rungs_cli.py
 def test_driver_killed_mid_search_is_finished_by_resume(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(tiny_teacher_dir), *TINY_SEARCH_ARGS,
