@@ -1,6 +1,7 @@
 """The prepared GPU check (issue #12 item 9): what only a CUDA machine can show, in about 5 minutes on one GPU.
 
-1. A tiny-teacher search with `--gpus-per-trial 0.5 --full-gpus 1 --stop-after distill`: every trial must have
+1. A tiny-teacher search (the default successive-halving strategy) with `--gpus-per-trial 0.5 --full-gpus 1
+   --stop-after distill`: every trial must have
    trained on CUDA with fp32 parameters (master weights) and bf16 compute, and each winner's full distillation too.
 2. A ~1.2B-parameter random-weight Llama (Llama-3.2-1B's config): a half-size student cut from its bf16 files onto
    the GPU in fp32, a few short-distillation steps against the bf16 teacher (chunked KD), and one FSDP2 step in a
@@ -47,12 +48,12 @@ def peak_gib() -> float:
 
 
 def tiny_search(work: Path) -> None:
-    from cli_helpers import TINY_SEARCH_ARGS  # type: ignore[import-not-found]  # tests/ is on sys.path above
+    from cli_helpers import TINY_RUNG_ARGS  # type: ignore[import-not-found]  # tests/ is on sys.path above
     from tiny_models import save_tiny_teacher  # type: ignore[import-not-found]
 
     teacher = save_tiny_teacher(work / "teacher", "llama")
     run_dir = work / "run"
-    args = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(teacher), *TINY_SEARCH_ARGS,
+    args = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(teacher), *TINY_RUNG_ARGS,
             "--gpus-per-trial", "0.5", "--full-gpus", "1", "--stop-after", "distill", "--run-dir", str(run_dir)]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=150, cwd=work)

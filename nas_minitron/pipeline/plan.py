@@ -299,6 +299,8 @@ def _trials(c: _Ctx) -> StagePlan:
                     + _kd_loss(c.micro_tokens, c.vocab, kind))
         gpu = 0
     driver = RUNTIME_BYTES + (RAY_BYTES if s.ray_address is None else 0)
+    if s.strategy == "rungs":
+        return _rung_trials(c, driver, ram_each, gpu, train_rate, fwd_rate, not (m1 and m2), device)
     # trained students are deleted once they can no longer win: with one objective at most winners + running
     # ones are kept; with several (a Pareto set) any number may be
     kept = min(s.trials, s.winners + concurrent) if len(s.objectives) == 1 else s.trials
@@ -308,6 +310,34 @@ def _trials(c: _Ctx) -> StagePlan:
                      f"{s.trials} trials, {concurrent} at once ({rounds} rounds of ~{per_trial:,.0f} s: "
                      f"{s.short_tokens:,} tokens at {train_rate:,.0f} tok/s + {val_tokens:,} validation tokens); "
                      f"student {st.params:,} params on {device}")
+
+
+def _rung_trials(c: _Ctx, driver: int, ram_each: int, gpu: int, train_rate: float, fwd_rate: float,
+                 estimated: bool, device: str) -> StagePlan:
+    """--strategy rungs: every screened candidate validated once, then ceil(n / eta) per rung trained on (the
+    interval ties can at most double a rung: not counted); a checkpoint (12 B/param) in the run directory per
+    candidate alive after rung 1."""
+    from nas_minitron.pipeline.settings import search_rungs
+    from nas_minitron.search.rungs import quota
+
+    s, st = c.s, c.student
+    rungs = search_rungs(s)
+    alive = [min(s.screen or len(c.layer_counts) or 1, len(c.layer_counts) or 1)]
+    for _ in rungs[1:]:
+        alive.append(quota(alive[-1], s.eta, s.winners))
+    val_tokens = s.validation_sequences * s.seq_len
+    concurrent = max(1, s.max_concurrent)
+    seconds = tokens = 0.0
+    for k, n in enumerate(alive):
+        new = rungs[k] - (rungs[k - 1] if k else 0)
+        tokens += n * (new + val_tokens)
+        seconds += math.ceil(n / concurrent) * (TRIAL_SETUP_S[device] + new / train_rate + val_tokens / fwd_rate)
+    live = alive[1] if len(alive) > 1 else 0
+    disk = live * 12 * st.params + s.winners * 4 * st.params
+    ladder = ", ".join(f"{r:,}" for r in rungs)
+    return StagePlan("trials", int(tokens), driver + min(concurrent, alive[0]) * ram_each, gpu, disk, seconds,
+                     estimated, f"rungs {ladder} tokens over {' -> '.join(map(str, alive))} candidates (eta "
+                     f"{s.eta}), {concurrent} at once; student {st.params:,} params on {device}")
 
 
 def _winners(c: _Ctx) -> StagePlan:

@@ -54,7 +54,14 @@ class TrialLogNames(tune.Callback):
         return {"run_dir": self.run_dir, "log": None}  # the run's log function need not pickle
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        arch = (trial.config or {}).get("arch", "?")
+        config = trial.config or {}
+        batch = config.get("archs")
+        if batch:  # a screening batch (rung 0): one log per candidate
+            folder = trial_log_path(self.run_dir, "x").parent
+            (self.log or print)(f"  trial {trial.trial_id} (screening {len(batch)}: {', '.join(batch)}) started; "
+                                f"logs: {folder}/<arch>.log")
+            return
+        arch = config.get("arch", "?")
         (self.log or print)(f"  trial {trial.trial_id} ({arch}) started; log: {trial_log_path(self.run_dir, arch)}")
 
 

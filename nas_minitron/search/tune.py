@@ -375,13 +375,14 @@ def _rung_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_id = str(tune.get_context().get_trial_id() or "")
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
-    run_rung(config["arch"], spec, int(config["rung"]), int(config["tokens"]), report, trial_id=trial_id,
-             gpu_ids=gpu_ids)
+    for arch in config.get("archs") or [config["arch"]]:  # rung 0 screens a batch of candidates per trial
+        run_rung(arch, spec, int(config["rung"]), int(config["tokens"]), report, trial_id=trial_id, gpu_ids=gpu_ids)
 
 
 def run_rung_trials(spec: TrialSpec, options: RayOptions, rung: int, tokens: int, names: Sequence[str], *,
                     log: Callable[[str], None] | None = None) -> list[TrialRecord]:
-    """Run `names` at one rung as one Ray Tune experiment (a grid over the names) and return its records.
+    """Run `names` at one rung as one Ray Tune experiment (a grid over the names; at rung 0 over batches of
+    them) and return its records.
 
     The experiment is never restored: a driver that died mid-rung leaves the rung's finished results in the run
     directory (`rung_result_path`) and its candidates' checkpoints there too, so the next driver starts a fresh
@@ -389,12 +390,20 @@ def run_rung_trials(spec: TrialSpec, options: RayOptions, rung: int, tokens: int
     """
     storage_path = str(Path(spec.run_dir).resolve() / "ray")
     name = f"rung-{rung}"
+    if tokens == 0:
+        # Screening validates once per candidate: a trial per candidate would spend most of its time starting a
+        # worker process; a few batches per worker slot amortize that and still balance the slots.
+        size = max(1, math.ceil(len(names) / (2 * max(1, options.max_concurrent))))
+        space: dict[str, Any] = {"archs": tune.grid_search([list(names[i:i + size])
+                                                             for i in range(0, len(names), size)])}
+    else:
+        space = {"arch": tune.grid_search(list(names))}
     shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
     trainable = tune.with_resources(tune.with_parameters(_rung_trainable, spec=spec),
                                     {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
     tuner = tune.Tuner(
         trainable,
-        param_space={"arch": tune.grid_search(list(names)), "rung": rung, "tokens": tokens},
+        param_space={**space, "rung": rung, "tokens": tokens},
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=options.max_concurrent),
         run_config=tune.RunConfig(
             name=name,

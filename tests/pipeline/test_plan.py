@@ -19,7 +19,7 @@ from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
 RESOLVED = {"teacher_arch": "L4-H64-I128-A4-KV2", "head_dim": 16, "teacher_params": 2_000_000,
             "budget_params": 1_000_000, "vocab_size": 1000}
 SMALL: dict[str, Any] = dict(seq_len=32, batch_size=2, short_tokens=256, full_tokens=128, validation_sequences=4,
-                             topk=16, trials=6)
+                             topk=16, trials=6, strategy="sample")
 STUDENT = StudentShape(params=1_000_000, num_hidden_layers=4, hidden_size=64)
 
 
@@ -48,6 +48,18 @@ def test_the_arithmetic_on_a_hand_checked_case() -> None:
     totals = plan.to_dict()["totals"]
     assert totals["disk_bytes"] == sum(s.disk_bytes for s in plan.stages)
     assert totals["gpu_bytes_per_device"] == 2 * one_trial and plan.fits
+
+
+def test_the_rung_search_arithmetic() -> None:
+    """--strategy rungs on 8 candidates: rungs 0, 64, 256 tokens (eta 4, 64-token steps) over 8 -> 2 -> 1."""
+    settings = SearchSettings(**{**SMALL, "strategy": "rungs"})
+    plan = make_plan(settings, RESOLVED, [STUDENT] * 8)
+    trials = _stage(plan, "trials")
+    val = 4 * 32  # one validation per candidate per rung
+    assert trials.tokens == 8 * (0 + val) + 2 * (64 + val) + 1 * (192 + val) == 1728
+    assert "8 -> 2 -> 1" in trials.basis
+    # a checkpoint per candidate alive after rung 1 (12 B/param) + the winner's exported weights (4 B/param)
+    assert trials.disk_bytes == 2 * 12 * 1_000_000 + 4 * 1_000_000
 
 
 def test_the_constants_it_mirrors_match_their_owners() -> None:
