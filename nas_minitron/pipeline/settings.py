@@ -299,4 +299,14 @@ def differences(saved: Mapping[str, Any], current: SearchSettings, finished: Col
     now = json.loads(json.dumps(current.to_dict()))
     late = {key for key, stage in LATE_KEYS.items() if stage not in finished}
     keys = sorted(set(now) - RUNTIME_KEYS - late)
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    defaults = json.loads(json.dumps(SearchSettings().to_dict()))
+
+    def old(key: str) -> Any:  # a setting added after the run directory was made: what that run did
+        return saved[key] if key in saved else _BEFORE_IT_EXISTED.get(key, defaults.get(key))
+
+    return [f"{k}: {old(k)!r} -> {now.get(k)!r}" for k in keys if old(k) != now.get(k)]
+
+
+# Settings added after run directories existed whose default is not what those runs did: a config.json without
+# them ran the earlier search (resume it with --strategy sample).
+_BEFORE_IT_EXISTED: dict[str, Any] = {"strategy": "sample"}

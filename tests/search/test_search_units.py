@@ -149,3 +149,15 @@ def test_every_setting_has_a_search_flag() -> None:
     register(parser.add_subparsers())
     search = parser.parse_args(["search"])
     assert {f.name for f in dataclasses.fields(SearchSettings)} <= set(vars(search))
+
+
+def test_a_run_directory_made_before_the_rung_search_resumes_only_as_the_search_it_ran() -> None:
+    import json as _json
+
+    from nas_minitron.pipeline.settings import SearchSettings, differences
+
+    saved = _json.loads(_json.dumps(SearchSettings(strategy="sample").to_dict()))
+    for key in ("strategy", "rungs", "eta", "screen", "stop_when_stable"):
+        del saved[key]  # config.json of a run made before these settings existed
+    assert differences(saved, SearchSettings(strategy="sample")) == []
+    assert differences(saved, SearchSettings()) == ["strategy: 'sample' -> 'rungs'"]
