@@ -3,7 +3,10 @@
 Modules, in the order data flows through them:
 - `protocol`: the trial contract (`TrialSpec`, the report keys, `TrialRecord`); no third-party import.
 - `proposals`: Optuna parameters <-> candidates (one u in [0, 1) per axis; every proposal is in budget).
-- `worker`: one trial without Ray in it (build the student, distill it, report).
+- `worker`: one trial without Ray in it (build the student, distill it, report), or one candidate at one rung.
+- `rungs`: the successive-halving rules (ladder, promotion with bootstrap ties, Pareto sorting, rank statistics);
+  pure Python.
+- `halving`: the driver's rung loop (one Ray Tune experiment per rung, promotions, the Optuna record).
 - `searcher`: the Optuna searcher Ray pickles (imports ray and optuna at module top: reached lazily).
 - `callbacks`: the driver-side Tune hooks (trial log names, checkpoint cleanup, trial weights kept only for possible
   winners, the stop on a fatal trial); imports ray at module top, reached lazily.
