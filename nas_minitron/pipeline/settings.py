@@ -89,9 +89,10 @@ class SearchSettings:
     eval_limit: int | None = 40
     """items per eval task (none: all items)"""
     sampler: str = "auto"
-    """auto (TPE, NSGA-II for several objectives), tpe, nsga2, random"""
+    """auto (TPE, NSGA-II for several objectives), tpe, nsga2, random: proposes the trials of --strategy sample and
+    the candidates --screen chooses"""
     asha: bool = False
-    """stop clearly worse trials early (successive halving on validation KL)"""
+    """--strategy sample: stop clearly worse trials early (ASHA on validation KL)"""
     seed: int = 0
     """seed of data order, sampler and training"""
     cpus_per_trial: int = 1
