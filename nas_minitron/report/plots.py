@@ -220,7 +220,8 @@ def human(n: float) -> str:
 
 def rung_figures(rungs: pd.DataFrame, stats: pd.DataFrame | None) -> list[go.Figure]:
     """The successive-halving search (rungs.csv): each candidate's rank over the rungs (stopped ones end where they
-    were stopped), the value with its bootstrap interval at every rung, and the compute spent per rung."""
+    were stopped), the value with its bootstrap interval at every rung, parameters vs value with each rung's
+    Pareto front, and the compute spent per rung."""
     figs = []
     done = rungs[rungs["status"] == "COMPLETE"].copy()
     ticks = sorted(done["tokens"].unique())
@@ -244,6 +245,19 @@ def rung_figures(rungs: pd.DataFrame, stats: pd.DataFrame | None) -> list[go.Fig
         fig.add_scatter(x=part["name"], y=part["val_kl"], mode="markers", name=f"rung {human(float(tokens))} tokens",
                         error_y=dict(type="data", array=high, arrayminus=low, visible=True))
     figs.append(fig)
+    if "params" in done.columns and done["params"].notna().all():
+        fig = _fig(title="Parameters vs validation KL at every rung, with each rung's Pareto front",
+                   xaxis=dict(title="parameters", tickformat=".3s"), yaxis=dict(title="val KL"), height=480)
+        for tokens in ticks:
+            part = done[done["tokens"] == tokens]
+            mask = pareto_mask([float(p) for p in part["params"]], [float(v) for v in part["val_kl"]])
+            front = part[mask].sort_values("params")
+            label = f"rung {human(float(tokens))}"
+            fig.add_scatter(x=part["params"], y=part["val_kl"], text=part["name"], mode="markers", name=label,
+                            hovertemplate="%{text}<br>params %{x:,}<br>val KL %{y:.4f}<extra></extra>")
+            fig.add_scatter(x=front["params"], y=front["val_kl"], mode="lines", name=f"{label} front",
+                            line=dict(shape="hv", dash="dot"), hoverinfo="skip")
+        figs.append(fig)
     if stats is not None and not stats.empty:
         fig = _fig(title="Compute per rung", xaxis=dict(title="rung (tokens)"),
                    yaxis=dict(title="distillation tokens spent"), barmode="group")
