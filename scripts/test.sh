@@ -17,7 +17,7 @@ if [[ $# -eq 0 ]]; then set -- -m "not slow or ci"; fi
 failed=()
 "$PY" -m ruff check nas_minitron tests benchmarks scripts || failed+=("ruff")
 "$PY" -m mypy || failed+=("mypy")  # the packages and strictness are in pyproject.toml's [tool.mypy]
-"$PY" -m pytest "$@"
+"$PY" -m pytest --durations=20 "$@"  # the slowest tests, to keep CI within its budget
 rc=$?
 if [[ $rc -eq 5 ]]; then
   echo "error: pytest collected no tests (exit 5); refusing to call that a pass" >&2
