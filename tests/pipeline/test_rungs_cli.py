@@ -7,11 +7,14 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from cli_helpers import TINY_RUNG_ARGS, one_error_line, run_cli
 
@@ -130,15 +133,26 @@ def test_driver_killed_mid_rung_redoes_no_finished_rung(tiny_teacher_dir: Path, 
 
 
 def test_bad_rung_settings_refused_before_any_output(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    from nas_minitron.errors import UserError
+    from nas_minitron.pipeline.settings import resolve_settings
+
     run_dir = tmp_path / "run"
-    for extra, words in ((("--rungs", "0,256,64"), "must increase"), (("--rungs", "0,64,512"), "above --short-tokens"),
-                         (("--eta", "1"), "eta must be >= 2"), (("--screen", "999"), "--screen 999 must be between"),
-                         (("--screen", "0"), "screen (0) must be at least winners")):
+    # through the CLI: one line, exit 2, no run directory (the settings check and the candidate-count check)
+    for extra, words in ((("--rungs", "0,256,64"), "must increase"),
+                         (("--screen", "999"), "--screen 999 must be between")):
         line = one_error_line(rung_search(tiny_teacher_dir, run_dir, *extra))
         assert words in line, (extra, line)
         assert not run_dir.exists()
+    # the other refusals come from the same settings check, in process
+    base = {"seq_len": 32, "batch_size": 2, "short_tokens": 256}
+    for overrides, words in (({"rungs": "0,64,512"}, "above --short-tokens"), ({"eta": 1}, "eta must be >= 2"),
+                             ({"screen": 0}, "screen (0) must be at least winners"),
+                             ({"asha": True}, "asha belongs to --strategy sample")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            resolve_settings(None, {**base, **overrides})
 
 
+@pytest.mark.slow  # the sampler-chosen screening; the default screens every candidate
 def test_screen_lets_the_sampler_choose_which_candidates_rung_0_scores(tiny_teacher_dir: Path,
                                                                        tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -29,6 +29,7 @@ def study_trials(run_dir: Path) -> list:  # type: ignore[type-arg]
     return study.trials
 
 
+@pytest.mark.slow  # --strategy sample; CI runs the default strategy end to end (test_rungs_cli.py)
 def test_search_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -236,8 +237,7 @@ def test_local_ray_listens_on_loopback_only() -> None:
     assert found <= loopback, found
 
 
-@pytest.mark.slow
-@pytest.mark.ci  # ASHA crashed on every use until this test existed
+@pytest.mark.slow  # --strategy sample only (ASHA crashed on every use until this test existed)
 def test_asha_stops_losers_early_and_they_never_win(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = search(tiny_teacher_dir, run_dir, "--asha", "--trials", "4", "--max-concurrent", "1",
