@@ -208,6 +208,7 @@ def validate_sequences(
     losses_lm: list[float] = []
     losses_kl: list[float] = []
     head = output_head(student)
+    teacher_head = output_head(teacher) if teacher is not None else None
     with torch.no_grad(), autocast():
         for start in range(0, val_sequences.shape[0], batch_size):
             tokens = val_sequences[start : start + batch_size].to(device)  # [b, T]
@@ -224,8 +225,7 @@ def validate_sequences(
             for row in range(tokens.shape[0]):
                 targets: TeacherTargets | None = None
                 if t_hidden is not None:
-                    assert teacher is not None
-                    targets = TeacherTargets(hidden=t_hidden[row], head=output_head(teacher))
+                    targets = TeacherTargets(hidden=t_hidden[row], head=teacher_head)
                 elif top is not None:
                     targets = TeacherTargets(logprobs=top[0][row], indices=top[1][row])
                 losses = chunked_logit_losses(hidden[row], head, chunk_tokens, teacher=targets,

@@ -302,8 +302,8 @@ def distill(
             + "".join(f"; {note}" for note in notes if note))
     (log or _LOG.info)(line)
     run = _Run(student, model, objective, config, device, teacher, logit_cache)
-    run.start(checkpoint_dir if _is_rank_zero() else None, checkpoint_dir, resume, val_sequences,
-              on_eval if evaluate_start else None, evaluate_start)
+    run.start(checkpoint_dir if _is_rank_zero() else None, checkpoint_dir, resume, val_sequences, on_eval,
+              evaluate_start)
     if stop_at_step is not None:
         if not 0 <= stop_at_step <= run.num_steps:
             raise ValueError(f"stop_at_step {stop_at_step} is outside 0..{run.num_steps}")

@@ -31,7 +31,7 @@ from nas_minitron.search.protocol import (
     trial_weights_path,
 )
 from nas_minitron.search.rungs import RungStats, bootstrap_interval, promote, rung_stats, stable
-from nas_minitron.search.winners import pareto_front, select_winners
+from nas_minitron.search.winners import finite_objectives, pareto_front, select_winners
 
 __all__ = ["HalvingPlan", "HalvingResult", "RungRow", "run_halving"]
 
@@ -100,8 +100,7 @@ def _read_rung(spec: TrialSpec, rung: int, tokens: int, names: Sequence[str], ob
         failed = not metrics or bool(metrics.get(FAILED_KEY))
         if not metrics:
             metrics = {"arch": name, "error": errors.get(name) or "the trial ended without a result"}
-        elif not failed and not all(isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])
-                                    for k in objectives):
+        elif not failed and finite_objectives(metrics, objectives) is None:
             failed = True
             metrics = {**metrics, "error": f"non-finite {', '.join(objectives)} at rung {rung}"}
         row = RungRow(rung, tokens, name, metrics, "FAILED" if failed else "COMPLETE")
@@ -127,9 +126,8 @@ def _screen_with_sampler(spec: TrialSpec, options: Any, plan: HalvingPlan, archs
         if not path.is_file():
             return None
         metrics = json.loads(path.read_text())["metrics"]
-        vals = [metrics.get(k) for k in objectives]
-        ok = not metrics.get(FAILED_KEY) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals)
-        return [float(v) for v in vals] if ok else [math.inf] * len(objectives)
+        vals = None if metrics.get(FAILED_KEY) else finite_objectives(metrics, objectives)
+        return vals if vals is not None else [math.inf] * len(objectives)
 
     names = [a.name for a in archs]
     for name in names:  # a resumed driver: what was screened is told first (in candidate order: deterministic)
@@ -242,8 +240,7 @@ def run_halving(spec: TrialSpec, options: Any, plan: HalvingPlan, baselines: Seq
             + (f", +{len(decision.tied)} not separable from the cut" if decision.tied else "") + "): "
             + ", ".join(decision.promoted))
         current = list(decision.promoted)
-    final = [r for r in result.rows if r.rung == result.final_rung]
-    final_rows = [r.objective_row(objectives) for r in final]
+    final_rows = [r.objective_row(objectives) for r in result.last_rows()]
     keep = {str(r["name"]) for r in select_winners(final_rows, objectives, plan.num_winners)}
     if len(objectives) > 1:
         keep |= {str(r["name"]) for r in pareto_front(final_rows, objectives)}

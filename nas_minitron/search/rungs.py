@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nas_minitron.errors import UserError
+from nas_minitron.search.winners import finite_objectives
 
 __all__ = ["BOOTSTRAP_SAMPLES", "Promotion", "RungStats", "bootstrap_interval", "crowding_distance",
            "default_rungs", "kendall_tau", "nondominated_fronts", "parse_rungs", "promote", "quota", "rung_stats",
@@ -165,8 +166,7 @@ def promote(rows: Sequence[Mapping[str, Any]], objectives: Sequence[str], eta: i
     """Promote the best of a rung's `rows` (each with `name`, the objectives and, for the interval rule, a list of
     per-sequence values under `seq_key`, e.g. `val_kl_seq`). Rows with a missing or non-finite objective (failed
     trials) are never promoted."""
-    usable = [r for r in rows if all(isinstance(r.get(k), (int, float)) and math.isfinite(float(r[k]))
-                                     for k in objectives)]
+    usable = [r for r in rows if finite_objectives(r, objectives) is not None]
     broken = [str(r["name"]) for r in rows if r not in usable]
     q = quota(len(usable), eta, keep_at_least) if usable else 0
     points = [[float(r[k]) for k in objectives] for r in usable]

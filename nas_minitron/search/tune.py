@@ -23,6 +23,7 @@ from nas_minitron.arch import ArchConfig
 from nas_minitron.errors import UserError, first_line
 from nas_minitron.search.proposals import encode
 from nas_minitron.search.protocol import FAILED_KEY, FATAL_KEY, FINAL_KEY, SAMPLERS, TrialRecord, TrialSpec
+from nas_minitron.search.winners import finite_objectives
 from nas_minitron.search.worker import run_candidate
 
 if TYPE_CHECKING:
@@ -465,9 +466,8 @@ def record_rung(storage_url: str, archs: Sequence[ArchConfig], objectives: Seque
             trial = optuna.trial.Trial(study, existing._trial_id)
         else:
             continue
-        raw = [row.get(k) for k in objectives]
-        values = [float(v) for v in raw if isinstance(v, (int, float)) and math.isfinite(v)]
-        if len(values) != len(objectives):
+        values = finite_objectives(row, objectives)
+        if values is None:
             continue
         if len(objectives) == 1 and tokens not in (existing.intermediate_values if existing else {}):
             trial.report(values[0], step=tokens)

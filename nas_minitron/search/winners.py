@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["OBJECTIVES", "pareto_front", "select_winners"]
+__all__ = ["OBJECTIVES", "finite_objectives", "pareto_front", "select_winners"]
 
 # Every objective is minimized. Short-distillation metrics come from the trials; the others from the arch.
 OBJECTIVES: dict[str, str] = {
@@ -18,10 +18,16 @@ OBJECTIVES: dict[str, str] = {
 }
 
 
+def finite_objectives(row: Mapping[str, Any], objectives: Sequence[str]) -> list[float] | None:
+    """The row's objective values, or None when one is missing, not a number or not finite."""
+    values = [row.get(k) for k in objectives]
+    if all(isinstance(v, (int, float)) and math.isfinite(float(v)) for v in values):
+        return [float(v) for v in values]  # type: ignore[arg-type]  # checked numbers above
+    return None
+
+
 def _usable(row: Mapping[str, Any], objectives: Sequence[str]) -> bool:
-    return row.get("status") == "COMPLETE" and all(
-        isinstance(row.get(k), (int, float)) and math.isfinite(float(row[k])) for k in objectives
-    )
+    return row.get("status") == "COMPLETE" and finite_objectives(row, objectives) is not None
 
 
 def _dominates(a: Mapping[str, Any], b: Mapping[str, Any], objectives: Sequence[str]) -> bool:

@@ -39,7 +39,7 @@ from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import atomic_directory, write_json_atomic
 from nas_minitron.data import load_sequences
 from nas_minitron.distill.checkpoint import latest_checkpoint
-from nas_minitron.distill.config import DistillConfig, EvalPoint, NonFiniteLossError
+from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint, NonFiniteLossError
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.trainer import distill
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan
@@ -179,6 +179,14 @@ def _maybe_kill(arch_name: str, spec: TrialSpec) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _distill(student: PreTrainedModel, spec: TrialSpec, teacher: PreTrainedModel | None,
+             **kwargs: Any) -> DistillResult:
+    """The trainer on the spec's streams and logit cache (read by path, as every trial reads them)."""
+    cache = LogitCache.open(spec.logit_cache_dir) if spec.logit_cache_dir else None
+    return distill(student, load_sequences(spec.train_path), load_sequences(spec.val_path), spec.distill,
+                   teacher=teacher, logit_cache=cache, **kwargs)
+
+
 def _save_weights(student: PreTrainedModel, plan: PruningPlan, folder: Path) -> None:
     """The trained student, from_pretrained-loadable, with its pruning plan; all or nothing."""
     with atomic_directory(folder, overwrite=True) as tmp:
@@ -266,18 +274,9 @@ def _train_rung(arch_name: str, spec: TrialSpec, rung: int, tokens: int, report:
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / PLAN_FILE, plan.to_dict())
     try:
-        result = distill(
-            student,
-            load_sequences(spec.train_path),
-            load_sequences(spec.val_path),
-            config,
-            teacher=teacher,
-            logit_cache=LogitCache.open(spec.logit_cache_dir) if spec.logit_cache_dir else None,
-            checkpoint_dir=folder,
-            resume=folder is not None,
-            stop_at_step=stop,
-            evaluate_start=stop == 0,  # rung 0 is the step-0 validation; later rungs validate only at their end
-        )
+        result = _distill(student, spec, teacher, checkpoint_dir=folder, resume=folder is not None,
+                          stop_at_step=stop,
+                          evaluate_start=stop == 0)  # rung 0 is the step-0 validation; later rungs: only their end
     except NonFiniteLossError as err:
         report({**base, FAILED_KEY: True, FINAL_KEY: True, "rung": rung, "rung_tokens": tokens, "error": str(err),
                 "val_kl": float("inf"), "val_loss": float("inf")}, None)
@@ -368,18 +367,8 @@ def _train(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | N
             _maybe_kill(arch_name, spec)
 
     try:
-        distill(
-            student,
-            load_sequences(spec.train_path),
-            load_sequences(spec.val_path),
-            config,
-            teacher=teacher,
-            logit_cache=LogitCache.open(spec.logit_cache_dir) if spec.logit_cache_dir else None,
-            checkpoint_dir=scratch,
-            resume=resume_dir is not None,
-            on_eval=on_eval,
-            on_checkpoint=on_checkpoint,
-        )
+        _distill(student, spec, teacher, checkpoint_dir=scratch, resume=resume_dir is not None, on_eval=on_eval,
+                 on_checkpoint=on_checkpoint)
     except NonFiniteLossError as err:
         # Ends the trial normally so Ray does not retry it; searcher.py tells Optuna FAIL for `failed`.
         report({**base, FAILED_KEY: True, "error": str(err), "val_kl": float("inf"), "val_loss": float("inf")}, None)
