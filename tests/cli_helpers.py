@@ -20,14 +20,19 @@ TINY_RUNG_ARGS = tuple(a for a in TINY_SEARCH_ARGS if a not in ("--strategy", "s
 _RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) ")  # Ray's own start-up lines on stderr
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
+# A cap for hung commands only: several times the slowest CLI test's duration on a loaded 2-core machine.
+CLI_TIMEOUT_S = 1800
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = CLI_TIMEOUT_S,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m nas_minitron ARGS`, output captured; `env` is added to this process's environment."""
     return subprocess.run([sys.executable, "-m", "nas_minitron", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
-def search(teacher: Path, run_dir: Path, *extra: str, env: dict[str, str] | None = None, timeout: int = 600,
+def search(teacher: Path, run_dir: Path, *extra: str, env: dict[str, str] | None = None,
+           timeout: int = CLI_TIMEOUT_S,
            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The tiny search in `run_dir`, run from `cwd` (default: the run directory's parent)."""
     return run_cli("search", "--teacher", str(teacher), *TINY_SEARCH_ARGS, "--run-dir", str(run_dir), *extra,

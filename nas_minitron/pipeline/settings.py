@@ -136,8 +136,9 @@ class SearchSettings:
 
 # Keys that may change on --resume: they decide where and how fast the run goes, not what it computes.
 # Not among them: gpus_per_trial and device (they set the trials' / winners' dtype, which their checkpoints must
-# match) and full_gpus / full_workers (the world size sets a winner's steps, schedule and data shards).
-RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "storage", "cache_dir", "scratch_dir",
+# match), full_gpus / full_workers (the world size sets a winner's steps, schedule and data shards) and storage (the
+# study there is the search's memory: another storage would hold none of it).
+RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "cache_dir", "scratch_dir",
                           "checkpoint_minutes", "gpu_memory_gib"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
 LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}

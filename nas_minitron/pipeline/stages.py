@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
+from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory
 from nas_minitron.data import save_sequences, take_sequences
 from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig, DistillResult, EvalPoint
@@ -44,16 +45,15 @@ from nas_minitron.search.protocol import (
     trial_result_path,
     trial_weights_path,
 )
+from nas_minitron.search.records import load_records
 from nas_minitron.search.tune import (
     RayOptions,
     check_resources,
     connect_ray,
-    discard_experiment,
     fatal_message,
     optuna_numbers,
     run_trials,
     study_storage_url,
-    trial_records,
 )
 from nas_minitron.search.winners import select_winners
 from nas_minitron.space.candidates import (
@@ -250,17 +250,17 @@ def trials(run: Run) -> dict[str, Any]:
     options = RayOptions(address=s.ray_address, max_concurrent=s.max_concurrent, sampler=s.sampler, asha=s.asha,
                          seed=s.seed, storage_url=s.storage)
     baselines = run.stage_info("candidates").get("baselines", [])
-    grid = run_trials(spec, options, s.trials, baselines, resume=run.resume, log=run.log, num_winners=s.winners)
-    records = trial_records(grid)
+    ran = run_trials(spec, options, s.trials, baselines, resume=run.resume, log=run.log, num_winners=s.winners)
+    records = load_records(run.dir)  # every driver's trials: a driver killed before this one left its rows there
     _write_trial_tables(run, records)
-    fatal = fatal_message(records)
-    if fatal:
-        discard_experiment(run.dir)  # --resume after the fix starts the trials anew (finished results are reused)
+    fatal = fatal_message(ran)
+    if fatal:  # --resume after the fix asks the stopped candidates again (finished results are reused)
         raise UserError(fatal)
-    unfinished = [r.name for r in records if r.status == "PRUNED"]
+    unfinished = [r.name for r in ran if r.status == "PRUNED"]
     if unfinished and not (s.asha and len(s.objectives) == 1):  # only ASHA stops trials early; else: interrupted
         raise UserError(f"the trials were interrupted before {len(unfinished)} of them finished "
                         f"({', '.join(str(n) for n in unfinished[:4])}); continue them with --resume.")
+    shutil.rmtree(run.path("trial_resume"), ignore_errors=True)  # checkpoints carried over by --resume: all used
     done = sum(r.status == "COMPLETE" for r in records)
     run.log(f"  {len(records)} trials: {done} complete, {len(records) - done} failed or stopped")
     if not done:
@@ -274,13 +274,32 @@ def trials(run: Run) -> dict[str, Any]:
             "compute_dtypes": where["compute_dtype"], "logs": str(Path("logs") / "trials")}
 
 
+def _step0(record: TrialRecord, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The step-0 (untrained) report of a trial's candidate: its own first report when that is step 0, else the
+    step-0 point of the candidate's finished result (a trial that continued from a checkpoint starts later)."""
+    if record.first.get("step") in (0, 0.0):
+        return dict(record.first)
+    return next((p for p in results.get(record.name or "", []) if p.get("step") in (0, 0.0)), {})
+
+
+def _finished_curves(run: Run) -> dict[str, list[dict[str, Any]]]:
+    """Each finished candidate's whole curve, from its result (`trial_result_path`), by name."""
+    curves = {}
+    for path in sorted(run.path("trial_results").glob("*.json")):
+        with reading(path, "trial result", "delete it to train that candidate again"):
+            curves[path.stem] = [dict(p) for p in json.loads(path.read_text()).get("curve") or []]
+    return curves
+
+
 def _write_trial_tables(run: Run, records: list[TrialRecord]) -> None:
     candidates_by_name = {r["name"]: r for r in run.candidate_rows()}
     numbers = optuna_numbers(study_storage_url(run.dir, run.settings.storage))
+    results = _finished_curves(run)
     table: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     for record in records:
-        metrics, first, name = record.metrics, record.first, record.name
+        metrics, name = record.metrics, record.name
+        first = _step0(record, results)
         shape = candidates_by_name.get(name or "", {})
         table.append({
             "trial_id": record.trial_id, "number": numbers.get(record.trial_id, ""), "name": name, **shape,

@@ -1,14 +1,16 @@
 """Driver-side Ray Tune hooks of the trials: log names, lean checkpoints, trial weights, the fatal stop.
 
 Imports ray at module top (subclasses of its Callback and Stopper): `tune.py` reaches it only through a lazy proxy,
-when a search starts. Tune pickles these objects into `tuner.pkl` when the experiment is created; `tune.run_trials`
-hands fresh ones to a restored experiment, so nothing here needs to survive a pickle but its settings.
+when a search starts. Tune pickles these objects into `tuner.pkl` when an experiment is created, but no experiment
+is ever restored from it (`--resume` starts a fresh one from the project's own records), so nothing here needs to
+survive a pickle but its settings.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,21 +18,20 @@ from typing import Any
 from ray import tune
 from ray.tune.experiment import Trial
 
-from nas_minitron.search.protocol import FAILED_KEY, FATAL_KEY, trial_log_path, trial_weights_path
+from nas_minitron.search.protocol import FAILED_KEY, FATAL_KEY, TrialRecord, trial_log_path, trial_weights_path
+from nas_minitron.search.records import CHECKPOINT_GLOB, save_record, trial_status
 from nas_minitron.search.winners import pareto_front, select_winners
 
-__all__ = ["CheckpointCleaner", "FatalStopper", "TrialLogNames", "WeightsKeeper", "delete_trial_checkpoints"]
-
-CHECKPOINT_GLOB = "checkpoint_*"  # Ray's copies of a trial's checkpoints, in the trial's folder of the run directory
+__all__ = ["CheckpointCleaner", "FatalStopper", "TrialLogNames", "TrialRecorder", "WeightsKeeper",
+           "delete_trial_checkpoints"]
 
 
 def delete_trial_checkpoints(trial_dir: str | Path) -> int:
     """Delete the contents of Ray's copies of one trial's checkpoints (`checkpoint_*` in its folder); returns how
     many held files.
 
-    Each folder stays, empty: Ray's experiment state may have been saved while the trial was still running (a
-    driver killed just after the trial ended), and a restore refuses a checkpoint folder that does not exist. An
-    empty one restores, and the trainable then starts the trial over (`tune._trainable`), which reuses its result.
+    Each folder stays, empty (Ray's experiment state may still name it while the experiment runs); a trial that
+    ended needs none: a later trial of its candidate reuses its result.
     """
     emptied = 0
     for folder in (p for p in Path(trial_dir).glob(CHECKPOINT_GLOB) if p.is_dir()):
@@ -63,6 +64,43 @@ class TrialLogNames(tune.Callback):
             return
         arch = config.get("arch", "?")
         (self.log or print)(f"  trial {trial.trial_id} ({arch}) started; log: {trial_log_path(self.run_dir, arch)}")
+
+
+class TrialRecorder(tune.Callback):
+    """Keeps each trial's record (`records.save_record`) current as its reports arrive, so that a driver killed
+    at any point leaves every trial it ran, with every report it received, in the run directory."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.curves: dict[str, list[dict[str, Any]]] = {}
+        self.started: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "curves": {}, "started": {}}
+
+    def _save(self, trial: Trial, status: str, error: str = "") -> None:
+        curve = self.curves.setdefault(trial.trial_id, [])
+        config = trial.config or {}
+        save_record(self.run_dir, TrialRecord(
+            trial_id=trial.trial_id, name=config.get("arch"), status=status, error=error,
+            metrics=curve[-1] if curve else {}, first=curve[0] if curve else {}, curve=tuple(curve),
+        ), self.started.setdefault(trial.trial_id, time.time()))
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._save(trial, "RUNNING")
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
+                        **info: Any) -> None:
+        self.curves.setdefault(trial.trial_id, []).append(
+            {k: v for k, v in result.items() if k != "config"})
+        self._save(trial, "RUNNING")
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        curve = self.curves.get(trial.trial_id) or [{}]
+        self._save(trial, trial_status(curve[-1], errored=False))
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._save(trial, "FAILED", "the trial raised an error; see its log")
 
 
 class CheckpointCleaner(tune.Callback):

@@ -18,7 +18,7 @@ from nas_minitron.distill.config import DistillConfig
 
 __all__ = ["FAILED_KEY", "FATAL_KEY", "FINAL_KEY", "PLACEMENT_KEYS", "SAMPLERS", "TRIAL_STATUSES", "Report",
            "TrialRecord", "TrialSpec", "rung_checkpoint_dir", "rung_result_path", "trial_log_path",
-           "trial_result_path", "trial_scratch_dir", "trial_weights_path"]
+           "trial_record_path", "trial_result_path", "trial_resume_dir", "trial_scratch_dir", "trial_weights_path"]
 
 FAILED_KEY = "failed"  # a trial whose loss went non-finite reports this; Optuna is told FAIL
 FINAL_KEY = "final"  # set on a trial's last report only; a trial stopped early never sends it
@@ -30,7 +30,9 @@ FATAL_KEY = "fatal"
 # dtype of the student's parameters and the dtype its forward passes compute in.
 PLACEMENT_KEYS = ("device", "gpu_ids", "param_dtype", "compute_dtype")
 SAMPLERS = ("auto", "tpe", "nsga2", "random")  # auto: TPE for one objective, NSGA-II for several
-TRIAL_STATUSES = ("COMPLETE", "PRUNED", "FAILED")
+# INTERRUPTED: a trial of an earlier driver that was still running when that driver died (`--resume` runs its
+# candidate again, from its last checkpoint: `trial_resume_dir`)
+TRIAL_STATUSES = ("COMPLETE", "PRUNED", "FAILED", "INTERRUPTED")
 
 Report = Callable[[dict[str, Any], "Path | None"], None]
 """How a trial reports: metrics, and a checkpoint directory (or None)."""
@@ -83,6 +85,18 @@ def trial_weights_path(run_dir: str | Path, arch_name: str) -> Path:
     """Where a finished candidate's trained student is kept (from_pretrained-loadable, with its pruning plan), as
     long as it can still be a winner; written before its result JSON."""
     return Path(run_dir) / "trial_results" / arch_name
+
+
+def trial_record_path(run_dir: str | Path, trial_id: str) -> Path:
+    """Where the driver keeps what it saw of one Ray trial (`search/records.py`): trials.csv is rebuilt from these,
+    so a driver killed at any point loses no row."""
+    return Path(run_dir) / "trial_records" / f"{trial_id}.json"
+
+
+def trial_resume_dir(run_dir: str | Path, arch_name: str) -> Path:
+    """The newest training checkpoint of a candidate whose trial was interrupted with its driver (a trainer
+    `step-*` folder, moved here from Ray's copies by `--resume`); the candidate's next trial continues from it."""
+    return Path(run_dir) / "trial_resume" / arch_name
 
 
 def rung_result_path(run_dir: str | Path, rung: int, arch_name: str) -> Path:

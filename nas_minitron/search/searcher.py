@@ -14,7 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from nas_minitron.arch import ArchConfig
 from nas_minitron.search.proposals import DECISION_ORDER, decode, param_name
-from nas_minitron.search.protocol import FAILED_KEY, FINAL_KEY
+from nas_minitron.search.protocol import FAILED_KEY, FATAL_KEY, FINAL_KEY
 
 __all__ = ["CandidateSpace", "StudySearch"]
 
@@ -56,11 +56,12 @@ class StudySearch(OptunaSearch):
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
-            # After a driver crash Ray restores a searcher pickled a little earlier than the study in storage,
-            # which may already hold this trial as finished; storage wins.
+            # The study in storage may already hold this trial as finished; storage wins.
             self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if result is not None and result.get(FATAL_KEY) and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("fatal", True)  # asked again on --resume (tune.reopen_unfinished)
         if error or result is None or result.get(FAILED_KEY) or not self._finite(result):
             result, error = None, True
         elif not result.get(FINAL_KEY):  # stopped early by the scheduler (ASHA): PRUNED, as Optuna's pruners say

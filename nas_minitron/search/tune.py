@@ -22,7 +22,16 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.errors import UserError, first_line
 from nas_minitron.search.proposals import encode
-from nas_minitron.search.protocol import FAILED_KEY, FATAL_KEY, FINAL_KEY, SAMPLERS, TrialRecord, TrialSpec
+from nas_minitron.search.protocol import (
+    FAILED_KEY,
+    FATAL_KEY,
+    FINAL_KEY,
+    SAMPLERS,
+    TrialRecord,
+    TrialSpec,
+    trial_resume_dir,
+)
+from nas_minitron.search.records import carry_checkpoints, load_records, save_record, trial_status
 from nas_minitron.search.winners import finite_objectives
 from nas_minitron.search.worker import run_candidate
 
@@ -41,10 +50,9 @@ else:
     searcher = lazy_import("nas_minitron.search.searcher")  # subclasses OptunaSearch: importing it loads ray
     callbacks = lazy_import("nas_minitron.search.callbacks")  # subclasses Tune's Callback: importing it loads ray
 
-__all__ = ["RayOptions", "check_resources", "close_orphans", "connect_ray", "discard_experiment", "fatal_message",
-           "finish_study", "largest_node_gpus", "make_sampler", "optuna_numbers", "propose", "record_rung",
-           "run_rung_trials", "run_trials", "screening_study", "study_storage_url", "told_screen",
-           "tpe_startup_trials", "trial_records"]
+__all__ = ["RayOptions", "check_resources", "connect_ray", "fatal_message", "finish_study", "largest_node_gpus",
+           "make_sampler", "optuna_numbers", "propose", "record_rung", "reopen_unfinished", "run_rung_trials",
+           "run_trials", "screening_study", "study_storage_url", "told_screen", "tpe_startup_trials", "trial_records"]
 
 STUDY_NAME = "nas-minitron"
 EXPERIMENT_NAME = "trials"
@@ -65,6 +73,15 @@ class RayOptions:
 
 def study_storage_url(run_dir: str | os.PathLike[str], storage_url: str | None) -> str:
     return storage_url or f"sqlite:///{Path(run_dir).resolve() / 'optuna.db'}"
+
+
+def _shown(storage_url: str) -> str:
+    """A storage URL as a message may show it: without a password."""
+    head, sep, tail = storage_url.partition("@")
+    if not sep or "://" not in head:
+        return repr(storage_url)
+    scheme, _, user = head.partition("://")
+    return repr(f"{scheme}://{user.split(':')[0]}@{tail}")
 
 
 def _worker_env() -> dict[str, str]:
@@ -148,7 +165,11 @@ def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial
 
 
 def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
-    """One Ray trial: prune and briefly distill the candidate the config names; report as it goes."""
+    """One Ray trial: prune and briefly distill the candidate the config names; report as it goes.
+
+    It continues from Ray's checkpoint when Ray retries it, else from the checkpoint `--resume` carried over for
+    its candidate (`records.carry_checkpoints`), else from the pruned student.
+    """
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -158,10 +179,12 @@ def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]  # Ray set CUDA_VISIBLE_DEVICES to these
     resume = tune.get_checkpoint()
     if resume is None:
-        run_candidate(config["arch"], spec, report, None, trial_id=trial_id, gpu_ids=gpu_ids)
+        carried = trial_resume_dir(spec.run_dir, config["arch"])
+        start = carried if (carried / "state.json").is_file() else None
+        run_candidate(config["arch"], spec, report, start, trial_id=trial_id, gpu_ids=gpu_ids)
         return
     with resume.as_directory() as resume_dir:
-        # A trial that ended has an empty checkpoint (callbacks.CheckpointCleaner); restored, it starts over (and a
+        # A trial that ended has an empty checkpoint (callbacks.CheckpointCleaner); retried, it starts over (and a
         # finished one reuses its result).
         start = Path(resume_dir) if (Path(resume_dir) / "state.json").is_file() else None
         run_candidate(config["arch"], spec, report, start, trial_id=trial_id, gpu_ids=gpu_ids)
@@ -214,16 +237,6 @@ def _experiment_dir(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir).resolve() / "ray" / EXPERIMENT_NAME
 
 
-def discard_experiment(run_dir: str | os.PathLike[str]) -> None:
-    """Delete the Ray experiment of a search stopped by a fatal trial, so that `--resume` starts the trials anew.
-
-    Its searcher was told the search is finished, and a restored experiment would stop at once. The Optuna study
-    (its trials are FAIL or finished) and the finished candidates' results (`trial_results/`, reused when proposed
-    again) stay.
-    """
-    shutil.rmtree(_experiment_dir(run_dir), ignore_errors=True)
-
-
 def fatal_message(records: Sequence[TrialRecord]) -> str | None:
     """The message of the first trial that refused to run where it was placed, if any."""
     return next((str(r.metrics[FATAL_KEY]) for r in records if r.metrics.get(FATAL_KEY)), None)
@@ -232,7 +245,8 @@ def fatal_message(records: Sequence[TrialRecord]) -> str | None:
 def _hooks(spec: TrialSpec, log: Callable[[str], None] | None,
            num_winners: int) -> tuple[list[tune.Callback], tune.Stopper]:
     keeper = callbacks.WeightsKeeper(spec.run_dir, spec.objectives, num_winners, spec.shape_objectives)
-    hooks = [callbacks.TrialLogNames(spec.run_dir, log), callbacks.CheckpointCleaner(), keeper]
+    hooks = [callbacks.TrialRecorder(spec.run_dir), callbacks.TrialLogNames(spec.run_dir, log),
+             callbacks.CheckpointCleaner(), keeper]
     return hooks, callbacks.FatalStopper()
 
 
@@ -256,42 +270,55 @@ def _sweep(spec: TrialSpec, hooks: Sequence[tune.Callback], grid: tune.ResultGri
 def run_trials(
     spec: TrialSpec, options: RayOptions, num_trials: int, enqueue: Sequence[str], resume: bool, *,
     log: Callable[[str], None] | None = None, num_winners: int = 1,
-) -> tune.ResultGrid:
-    """Run (or resume) the trials and return Ray's ResultGrid.
+) -> list[TrialRecord]:
+    """Run (or resume) the trials; returns the records of the trials this call ran (all of them are also kept in
+    the run directory, `records.load_records`).
 
-    Driver-side hooks (search/callbacks.py): each trial's log file is named through `log` as it starts; a trial's
-    checkpoints are deleted once it ends (at most one is kept while it runs); trial weights are kept only for the
-    candidates that can still be among the `num_winners` (or on the Pareto front); a `fatal` report ends the search.
+    Driver-side hooks (search/callbacks.py): every report is recorded as it arrives; each trial's log file is named
+    through `log` as it starts; a trial's checkpoints are deleted once it ends (at most one is kept while it runs);
+    trial weights are kept only for the candidates that can still be among the `num_winners` (or on the Pareto
+    front); a `fatal` report ends the search.
+
+    `--resume` never restores Ray's experiment (its state is pickled: a run directory from elsewhere could run code).
+    It starts a fresh experiment from what the project wrote: the Optuna study in storage (`reopen_unfinished`: the
+    trials cut short are told FAIL and their candidates asked again, first), the finished candidates' results
+    (reused, never retrained) and the newest checkpoint of each candidate cut short (`records.carry_checkpoints`).
+    Only the trials not yet finished are run. Under --asha the scheduler starts without the history of the trials
+    before the resume.
     """
     storage_path = str(Path(spec.run_dir).resolve() / "ray")
+    storage_url = study_storage_url(spec.run_dir, options.storage_url)
+    asha = options.asha and len(spec.objectives) == 1
+    points = list(enqueue)
+    if resume:
+        carried = carry_checkpoints(spec.run_dir, _experiment_dir(spec.run_dir))
+        shutil.rmtree(_experiment_dir(spec.run_dir), ignore_errors=True)
+        reopened = reopen_unfinished(storage_url, pruned_is_final=asha)
+        if reopened is None and load_records(spec.run_dir):
+            raise UserError(f"the Optuna study {STUDY_NAME!r} of this search is not in its storage "
+                            f"{_shown(storage_url)} although trials ran: the study was deleted or replaced; "
+                            f"restore it, or start the search again in a new --run-dir.")
+        if reopened is not None:
+            finished, again = reopened
+            points = []  # the baselines were enqueued in storage when the study began
+            num_trials = max(0, num_trials - finished)
+            (log or print)(f"  resuming: {finished} trials finished before; {again} cut short are asked again "
+                           f"({len(carried)} continue from a checkpoint); {num_trials} to run")
+    if num_trials == 0:
+        return []
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, spec=spec), {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     )
     hooks, stopper = _hooks(spec, log, num_winners)
-    checkpoint_config = tune.CheckpointConfig(num_to_keep=1)
-    experiment = os.path.join(storage_path, EXPERIMENT_NAME)
-    if resume and tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        # The restored run config is the one pickled when the experiment began: this driver's hooks replace its.
-        # Tuner has no public setter; `_local_tuner` is None only under Ray Client (ray://), which keeps the old.
-        local = getattr(tuner, "_local_tuner", None)
-        if local is not None:
-            run_config = local.get_run_config()
-            run_config.callbacks, run_config.stop, run_config.checkpoint_config = hooks, stopper, checkpoint_config
-        results = tuner.fit()
-        close_orphans(study_storage_url(spec.run_dir, options.storage_url),
-                      [r.metrics.get("trial_id", "") for r in _results(results) if r.metrics])
-        _sweep(spec, hooks, results)
-        return results
     scheduler = None
-    if options.asha and len(spec.objectives) == 1:
+    if asha:
         scheduler = schedulers.ASHAScheduler(metric=spec.objectives[0], mode="min", time_attr="num_tokens",
                                              max_t=spec.distill.num_tokens,
                                              grace_period=max(1, spec.distill.num_tokens // 4), reduction_factor=2)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=_search(spec, options, enqueue, num_trials),
+            search_alg=_search(spec, options, points, num_trials),
             scheduler=scheduler,
             num_samples=num_trials,
             max_concurrent_trials=options.max_concurrent,
@@ -302,15 +329,18 @@ def run_trials(
             name=EXPERIMENT_NAME,
             storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            checkpoint_config=checkpoint_config,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=hooks,
             stop=stopper,
             verbose=1,
         ),
     )
-    results = tuner.fit()
-    _sweep(spec, hooks, results)
-    return results
+    grid = tuner.fit()
+    _sweep(spec, hooks, grid)
+    ran = trial_records(grid)
+    for record in ran:  # Ray's view at the end (errors included) replaces what the hooks recorded on the way
+        save_record(spec.run_dir, record)
+    return ran
 
 
 def _results(grid: tune.ResultGrid) -> list[tune.Result]:
@@ -318,43 +348,57 @@ def _results(grid: tune.ResultGrid) -> list[tune.Result]:
 
 
 def trial_records(grid: tune.ResultGrid) -> list[TrialRecord]:
-    """One record per Ray trial (status, metrics at the end and at step 0) with its per-report curve."""
-    records = []
+    """One record per Ray trial (status, metrics at the end and at its first report) with its per-report curve."""
+    out = []
     for result in _results(grid):
         frame = result.metrics_dataframe
         last = result.metrics or {}
         config = result.config or {}
-        failed = bool(last.get(FAILED_KEY))
-        status = "FAILED" if (result.error is not None or failed) else "COMPLETE"
-        if status == "COMPLETE" and not last.get(FINAL_KEY):
-            status = "PRUNED"  # stopped early by the scheduler
-        first = frame.iloc[0].to_dict() if frame is not None and len(frame) else {}
-        records.append(TrialRecord(
+        curve = tuple({k: v for k, v in point.items() if k != "config"} for point in frame.to_dict("records")) \
+            if frame is not None else ()
+        out.append(TrialRecord(
             trial_id=last.get("trial_id") or Path(result.path).name,
             name=config.get("arch"),
-            status=status,
+            status=trial_status(last, errored=result.error is not None),
             error=first_line(result.error, limit=300) if result.error else last.get("error", ""),
             metrics=last,
-            first=first,
-            curve=tuple(frame.to_dict("records")) if frame is not None else (),
+            first=curve[0] if curve else {},
+            curve=curve,
         ))
-    return records
+    return out
 
 
-def close_orphans(storage_url: str, ray_trial_ids: Sequence[str]) -> int:
-    """Tell FAIL for Optuna trials still RUNNING that no Ray trial finished (asked just before a driver crash).
+def reopen_unfinished(storage_url: str, pruned_is_final: bool) -> tuple[int, int] | None:
+    """Before a resumed search: tell FAIL for the Optuna trials cut short and enqueue their candidates again.
 
-    Ray restores a searcher pickled a little before the crash, so a trial asked after that pickle is asked again
-    under a new id; the old one would stay RUNNING in storage forever. Returns how many were closed.
+    Cut short: still RUNNING (its driver died; told FAIL with user attr `interrupted`), stopped by a fatal trial
+    (user attr `fatal`, or PRUNED with the experiment), or PRUNED when no scheduler prunes (`pruned_is_final`
+    False: the driver was interrupted). Each is enqueued once (the new trial's `retry_of` names it). Returns
+    (trials finished for good, trials enqueued again), or None when storage holds no study yet (never started).
     """
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
-    closed = 0
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get("ray_trial_id") not in ray_trial_ids:
-            study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            closed += 1
-    return closed
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
+    except KeyError:
+        return None
+    state = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    retried = {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+    finished = again = 0
+    for trial in trials:
+        attrs = trial.user_attrs
+        cut = (trial.state == state.RUNNING
+               or (trial.state == state.FAIL and (attrs.get("fatal") or attrs.get("interrupted")))
+               or (trial.state == state.PRUNED and not pruned_is_final))
+        if not cut:
+            finished += trial.state in (state.COMPLETE, state.PRUNED, state.FAIL)
+            continue
+        if trial.state == state.RUNNING:
+            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            study.tell(trial.number, state=state.FAIL)
+        if trial.number not in retried and trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            again += 1
+    return finished, again
 
 
 def optuna_numbers(storage_url: str) -> dict[str, int]:
@@ -377,7 +421,9 @@ def _rung_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     trial_id = str(tune.get_context().get_trial_id() or "")
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     for arch in config.get("archs") or [config["arch"]]:  # rung 0 screens a batch of candidates per trial
-        run_rung(arch, spec, int(config["rung"]), int(config["tokens"]), report, trial_id=trial_id, gpu_ids=gpu_ids)
+        if not run_rung(arch, spec, int(config["rung"]), int(config["tokens"]), report, trial_id=trial_id,
+                        gpu_ids=gpu_ids):
+            return  # it reported `fatal`: the search stops
 
 
 def run_rung_trials(spec: TrialSpec, options: RayOptions, rung: int, tokens: int, names: Sequence[str], *,

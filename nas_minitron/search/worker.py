@@ -36,12 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
+from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory, write_json_atomic
 from nas_minitron.data import load_sequences
 from nas_minitron.distill.checkpoint import latest_checkpoint
 from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint, NonFiniteLossError
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.trainer import distill
+from nas_minitron.errors import UserError
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.prune.sliced import is_safetensors_dir
@@ -179,6 +181,18 @@ def _maybe_kill(arch_name: str, spec: TrialSpec) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _maybe_hang(spec: TrialSpec) -> None:
+    """Test hook: the first trial that reports a checkpoint after another candidate finished stops there (its
+    driver is then killed by the test, `tests/pipeline/test_search_cli.py`)."""
+    if os.environ.get("NAS_MINITRON_FAULT_HANG") != "after_one_result":
+        return
+    results = Path(spec.run_dir) / "trial_results"
+    if not list(results.glob("*.json")) or (results / ".hung").exists():
+        return
+    (results / ".hung").write_text("hung once\n")
+    time.sleep(3600)
+
+
 def _distill(student: PreTrainedModel, spec: TrialSpec, teacher: PreTrainedModel | None,
              **kwargs: Any) -> DistillResult:
     """The trainer on the spec's streams and logit cache (read by path, as every trial reads them)."""
@@ -221,19 +235,21 @@ def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: P
             return
         try:
             _train(arch_name, spec, report, resume_dir, device, scratch, gpu_ids)
+        except UserError as err:  # a damaged or inconsistent input (cache, checkpoint, scores): every trial would
+            _refuse(arch_name, spec, report, err)  # hit it, so the search stops with its one line
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # its parent (the run's, shared by this node's trials) stays:
             # removing it could race another trial's mkdir of its own folder inside it
 
 
-def _refuse(arch_name: str, spec: TrialSpec, report: Report, err: TrialRefused) -> None:
+def _refuse(arch_name: str, spec: TrialSpec, report: Report, err: TrialRefused | UserError) -> None:
     print(f"trial refused: {err}", flush=True)
     report({"arch": arch_name, **spec.shape_objectives.get(arch_name, {}), FATAL_KEY: str(err), FAILED_KEY: True,
             FINAL_KEY: False, "error": str(err), "val_kl": float("inf"), "val_loss": float("inf")}, None)
 
 
 def run_rung(arch_name: str, spec: TrialSpec, rung: int, tokens: int, report: Report, *, trial_id: str = "",
-             gpu_ids: Sequence[str] = ()) -> None:
+             gpu_ids: Sequence[str] = ()) -> bool:
     """One candidate at one rung of the successive-halving search: train it to `tokens` and validate it there.
 
     Rung 0 (`tokens` 0) only builds the pruned student and validates it. A later rung continues from the
@@ -241,6 +257,7 @@ def run_rung(arch_name: str, spec: TrialSpec, rung: int, tokens: int, report: Re
     schedule over the whole `spec.distill.num_tokens`, and leaves a checkpoint at `tokens` for the next rung. The
     result (one report carrying `final`, with per-sequence validation values) is also written to
     `rung_result_path` before it is reported; a trial restarted after it was written only reports it again.
+    Returns False when it reported `fatal` (the trial cannot run here, or an input is damaged): its batch stops.
     """
     torch.set_num_threads(max(1, spec.cpus_per_trial))
     with redirect_output(trial_log_path(spec.run_dir, arch_name)):
@@ -250,12 +267,19 @@ def run_rung(arch_name: str, spec: TrialSpec, rung: int, tokens: int, report: Re
             device = trial_device(spec, gpu_ids)
         except TrialRefused as err:
             _refuse(arch_name, spec, report, err)
-            return
+            return False
         done = rung_result_path(spec.run_dir, rung, arch_name)
-        if done.is_file():
-            report({**json.loads(done.read_text())["metrics"], FINAL_KEY: True}, None)
-            return
-        _train_rung(arch_name, spec, rung, tokens, report, device, gpu_ids)
+        try:
+            if done.is_file():
+                with reading(done, "rung result", "delete it to run that candidate's rung again"):
+                    metrics = json.loads(done.read_text())["metrics"]
+                report({**metrics, FINAL_KEY: True}, None)
+                return True
+            _train_rung(arch_name, spec, rung, tokens, report, device, gpu_ids)
+        except UserError as err:  # a damaged or inconsistent input: every trial would hit it
+            _refuse(arch_name, spec, report, err)
+            return False
+    return True
 
 
 def _train_rung(arch_name: str, spec: TrialSpec, rung: int, tokens: int, report: Report, device: str,
@@ -315,7 +339,8 @@ def _train(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | N
            gpu_ids: Sequence[str]) -> None:
     done = trial_result_path(spec.run_dir, arch_name)
     if done.is_file():  # finished before (a re-proposal, or a trial restored after a driver crash): never rerun
-        record = json.loads(done.read_text())
+        with reading(done, "trial result", "delete it to train that candidate again"):
+            record = json.loads(done.read_text())
         report({**record["final"], "reused_from": record["trial_dir"], FINAL_KEY: True}, None)
         return
     student, plan, teacher = _build(arch_name, spec, device)
@@ -365,6 +390,7 @@ def _train(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | N
                 shutil.rmtree(checkpoint, ignore_errors=True)  # Ray copied it into the run directory during report
         if checkpoint is not None:
             _maybe_kill(arch_name, spec)
+            _maybe_hang(spec)
 
     try:
         _distill(student, spec, teacher, checkpoint_dir=scratch, resume=resume_dir is not None, on_eval=on_eval,

@@ -111,20 +111,22 @@ def test_rung_search_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
 
 def test_driver_killed_mid_rung_redoes_no_finished_rung(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    # 4 candidates (4 -> 2 -> 1 trials): rung 1 runs one candidate at a time, so the kill lands between its two
+    few = ("--max-candidates", "4", "--stop-after", "trials")
     command = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(tiny_teacher_dir), *TINY_RUNG_ARGS,
-               "--run-dir", str(run_dir), "--max-concurrent", "1", "--stop-after", "trials"]
+               "--run-dir", str(run_dir), "--max-concurrent", "1", *few]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, cwd=tmp_path)
     rung1 = run_dir / "rungs" / "rung-1"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and len(list(rung1.glob("*.json"))) < 1:
+    deadline = time.monotonic() + 1800  # a cap on an event-driven wait, several times its loaded duration
+    while time.monotonic() < deadline and len(list(rung1.glob("*.json"))) < 1 and driver.poll() is None:
         time.sleep(0.3)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, in the middle of rung 1
     driver.wait()
     assert list(rung1.glob("*.json")), "rung 1 did not start before the deadline"
     finished = {p: p.read_bytes() for p in (run_dir / "rungs").glob("rung-*/*.json")}
     mtimes = {p: p.stat().st_mtime_ns for p in finished}
-    result = rung_search(tiny_teacher_dir, run_dir, "--max-concurrent", "1", "--stop-after", "trials", "--resume")
+    result = rung_search(tiny_teacher_dir, run_dir, *few, "--resume")  # --max-concurrent may change on resume
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(p.read_bytes() == finished[p] and p.stat().st_mtime_ns == mtimes[p] for p in finished)
     assert "rung 0 (" not in result.stdout  # rung 0 finished before the kill: not run again

@@ -122,34 +122,74 @@ def _trial_dir(run_dir: Path, trial_id: str) -> str:
     return next(p.name for p in (run_dir / "ray" / "trials").iterdir() if trial_id in p.name)
 
 
+class _Crafted:
+    """A pickle that writes a file when loaded: planted in the run directory, it must never be unpickled."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple:  # type: ignore[type-arg]
+        return (Path.write_text, (self.target, "unpickled\n"))
+
+
 @pytest.mark.slow  # --strategy sample; the default strategy's resume is tested in test_rungs_cli.py
 def test_driver_killed_mid_search_is_finished_by_resume(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+    import pickle
+    import shutil
+
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(tiny_teacher_dir), *TINY_SEARCH_ARGS,
                "--run-dir", str(run_dir), "--max-concurrent", "1"]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, cwd=tmp_path)
-    results = run_dir / "trial_results"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and not list(results.glob("*.json")):
+    # One trial finishes; the next stops after its first checkpoint (a test hook); then the driver is killed.
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              cwd=tmp_path, env={**os.environ, "NAS_MINITRON_FAULT_HANG": "after_one_result"})
+    hung = run_dir / "trial_results" / ".hung"
+    deadline = time.monotonic() + 1800  # an event, with a generous cap: the wait ends when the file appears
+    while time.monotonic() < deadline and not hung.exists() and driver.poll() is None:
         time.sleep(0.5)
-    first = sorted(results.glob("*.json"))
-    assert first, "no trial finished before the deadline"
-    time.sleep(2)  # let Ray sync its experiment state after the first trial
+    assert hung.exists(), f"the second trial never reached its first checkpoint (driver exit {driver.poll()})"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
     driver.wait()
     assert not (run_dir / "stages" / "trials.json").exists()
+    # The run directory is copied and the copy resumed, with a crafted pickle planted in Ray's experiment folder.
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, symlinks=True)
+    original = run_dir / "optuna.db"
+    digest = hashlib.sha256(original.read_bytes()).hexdigest()
+    planted = tmp_path / "planted"
+    for name in ("tuner.pkl", "searcher-state-crafted.pkl"):
+        (moved / "ray" / "trials" / name).write_bytes(pickle.dumps(_Crafted(planted)))
+    first = sorted((moved / "trial_results").glob("*.json"))
+    assert len(first) == 1
     mtimes = {p.name: p.stat().st_mtime_ns for p in first}
-    result = search(tiny_teacher_dir, run_dir, "--max-concurrent", "1", "--resume")
+    result = search(tiny_teacher_dir, moved, "--max-concurrent", "1", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 trials finished before; 1 cut short are asked again (1 continue from a checkpoint); 2 to run" \
+        in result.stdout
+    assert not planted.exists()  # nothing from the run directory was unpickled
+    assert hashlib.sha256(original.read_bytes()).hexdigest() == digest  # the original's study is untouched
     assert {p.name: p.stat().st_mtime_ns for p in first} == mtimes  # finished trials were not re-run
-    trials = rows(run_dir / "trials.csv")
-    assert len(trials) == 3 and {t["status"] for t in trials} == {"COMPLETE"}
-    # one Optuna trial per Ray trial; a trial asked just before the crash and asked again is closed as FAIL
-    study = study_trials(run_dir)
-    matched = [t for t in study if t.user_attrs.get("ray_trial_id") in {r["trial_id"] for r in trials}]
-    assert len(matched) == 3 and all(t.state.name == "COMPLETE" for t in matched)
-    assert all(t.state.name == "FAIL" and t.user_attrs.get("orphaned") for t in study if t not in matched)
+    trials = rows(moved / "trials.csv")
+    statuses = sorted(t["status"] for t in trials)
+    assert statuses == ["COMPLETE", "COMPLETE", "COMPLETE", "INTERRUPTED"], statuses
+    interrupted = next(t for t in trials if t["status"] == "INTERRUPTED")
+    again = [t for t in trials if t["name"] == interrupted["name"] and t["status"] == "COMPLETE"]
+    assert again  # asked again first (a later proposal of the same candidate reuses its result)
+    record = json.loads((moved / "trial_results" / f"{interrupted['name']}.json").read_text())
+    assert record["final"]["resumed_from_step"] > 0  # it continued from the killed driver's checkpoint
+    # no row lost: the interrupted trial's reports and the step-0 values of the trial that continued it
+    curves = rows(moved / "trial_curves.csv")
+    assert {c["step"] for c in curves if c["trial_id"] == interrupted["trial_id"]} >= {"0"}
+    assert again[0]["val_kl_step0"] == interrupted["val_kl_step0"] != ""
+    assert not (moved / "trial_resume").exists()
+    # the Optuna study (in the moved run directory): 3 complete, the interrupted one FAIL, asked again once
+    study = study_trials(moved)
+    states = sorted(t.state.name for t in study)
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"], states
+    failed = next(t for t in study if t.state.name == "FAIL")
+    assert failed.user_attrs.get("interrupted")
+    assert [t.user_attrs.get("retry_of") for t in study].count(failed.number) == 1
 
 
 def test_bad_inputs_refused_before_any_output(tiny_teacher_dir: Path, tmp_path: Path) -> None:

@@ -156,6 +156,26 @@ def test_a_trial_that_reserved_a_gpu_it_cannot_see_refuses_at_once(
     assert "trial refused" in trial_log_path(spec.run_dir, ARCH).read_text()
 
 
+def test_a_damaged_input_in_a_trial_stops_the_search_with_one_line(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """A file that fails its check inside a trial (here the importance scores, truncated; a logit cache or a
+    checkpoint take the same path) is reported `fatal`, which ends the search with that line: every other trial
+    would hit it too. The rung path does the same, and a rung batch stops at the first such candidate."""
+    from nas_minitron.search.worker import run_candidate, run_rung
+
+    spec = _spec(tmp_path / "run", tiny_teacher_dir)
+    scores = next((tmp_path / "run" / "importance").glob("*.safetensors"))
+    scores.write_bytes(scores.read_bytes()[:100])
+    tune = _FakeTune(spec, "d", tmp_path / "copies")
+    run_candidate(ARCH, spec, tune, None, trial_id="d")
+    assert len(tune.reports) == 1
+    message = tune.reports[0][FATAL_KEY]
+    assert str(scores) in message and "cannot read importance scores" in message and "\n" not in message, message
+    assert not trial_result_path(spec.run_dir, ARCH).exists()
+    rung_reports: list[dict[str, Any]] = []
+    assert run_rung(ARCH, spec, 0, 0, lambda m, _c: rung_reports.append(m), trial_id="r") is False
+    assert len(rung_reports) == 1 and str(scores) in rung_reports[0][FATAL_KEY]
+
+
 def test_an_unwritable_scratch_dir_refuses_the_trial(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     from nas_minitron.search.worker import run_candidate
 
