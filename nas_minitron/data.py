@@ -25,7 +25,9 @@ is tokenized on its own (no special tokens), followed by the tokenizer's EOS, an
 `seq_len` chunks; a last partial chunk is dropped.
 
 Packed sequences are saved as a safetensors file holding one int64 tensor `tokens` [N, T] (`save_sequences`,
-`load_sequences`): a run's data/*.safetensors and the search's train/validation files.
+`load_sequences`): a run's data/*.safetensors and the search's train/validation files. Each file's size and sha256
+go into its folder's `checksums.json` (`nas_minitron.integrity`) as it is written; a read checks its size (free),
+`verify=True` (`--verify`) its sha256 too. A file without a recorded checksum (an older run) is read unchecked.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from nas_minitron._lazy import lazy_import
 from nas_minitron.artifacts import read_safetensors, reading
 from nas_minitron.errors import UserError
+from nas_minitron.integrity import verify_checksums, write_checksums
 from nas_minitron.teacher import tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -366,14 +369,20 @@ def take_sequences(
 
 # ---- sequence files ----------------------------------------------------------------------------------------------
 def save_sequences(path: str | os.PathLike[str], tokens: torch.Tensor) -> None:
-    """Write token ids [N, T] as the `tokens` tensor of a safetensors file."""
-    st.save_file({"tokens": tokens.contiguous()}, str(path))
+    """Write token ids [N, T] as the `tokens` tensor of a safetensors file, and its checksum next to it."""
+    file = Path(path)
+    st.save_file({"tokens": tokens.contiguous()}, str(file))
+    write_checksums(file.parent, [file.name])
 
 
-def load_sequences(path: str | os.PathLike[str]) -> torch.Tensor:
-    """The token ids [N, T] a `save_sequences` file holds; UserError naming a damaged file."""
+def load_sequences(path: str | os.PathLike[str], verify: bool = False) -> torch.Tensor:
+    """The token ids [N, T] a `save_sequences` file holds; UserError naming a damaged file (one whose size differs
+    from the recorded one, or with `verify` its sha256)."""
+    file = Path(path)
     hint = "it is damaged: start a new run (or rerun the stage that wrote it)"
-    return read_safetensors(path, "token file", hint=hint, require=("tokens",))["tokens"]
+    tokens = read_safetensors(file, "token file", hint=hint, require=("tokens",))["tokens"]
+    verify_checksums(file.parent, "token file", hint, full=verify, names=[file.name])  # last: the reasons above first
+    return tokens
 
 
 # ---- fingerprint -------------------------------------------------------------------------------------------------

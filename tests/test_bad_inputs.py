@@ -35,6 +35,7 @@ from nas_minitron.distill.checkpoint import load_checkpoint, save_checkpoint, st
 from nas_minitron.distill.logit_cache import MANIFEST, LogitCache, build_logit_cache
 from nas_minitron.errors import UserError
 from nas_minitron.families import describe_model
+from nas_minitron.integrity import write_checksums
 from nas_minitron.prune.baselines import random_scores
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.teacher import load_teacher
@@ -171,6 +172,47 @@ CASES: dict[str, Case] = {
         lambda tmp, t: (["distill", "--student", str(t), "--logit-cache", str(c := _cache_dir(tmp, "[1, 2")),
                          *_DISTILL], c / MANIFEST), "not valid JSON"),
 }
+
+
+# ---- integrity: a byte flipped after writing (same size, values still finite), refused by the sha256 -------------
+# Importance scores are always checked in full; the large artifacts (students, logit cache) with --verify.
+def _flip_data_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-4] ^= 0x01  # the low mantissa bits of the last value
+    file.write_bytes(bytes(data))
+
+
+def _checksummed_model(source: Path, tmp: Path) -> Path:
+    """A model directory as this project writes one (with checksums.json), then a byte of its weights flipped."""
+    target = tmp / "model"
+    shutil.copytree(source, target)
+    write_checksums(target)
+    _flip_data_byte(target / WEIGHTS)
+    return target
+
+
+def _flipped_cache(teacher: Path, tmp: Path) -> Path:
+    cache = _cache_of(teacher, tmp)
+    _flip_data_byte(cache / "logprobs-00000.npy")
+    return cache
+
+
+_SHA = "altered or truncated since it was written (sha256 mismatch)"
+INTEGRITY_CASES: dict[str, Case] = {
+    "prune-importance-flipped-byte": Case(
+        lambda tmp, t: ([*_prune(t), "--importance", str(s := _scores_dir(tmp, _flip_data_byte))],
+                        s / "scores.safetensors"), _SHA),
+    "eval-verify-model-flipped-byte": Case(
+        lambda tmp, t: (["eval", "--model", str(m := _checksummed_model(t, tmp)), "--device", "cpu", "--verify"],
+                        m / WEIGHTS), _SHA),
+    "distill-verify-student-flipped-byte": Case(
+        lambda tmp, t: (["distill", "--teacher", str(t), "--student", str(m := _checksummed_model(t, tmp)),
+                         "--verify", *_DISTILL], m / WEIGHTS), _SHA),
+    "distill-verify-cache-flipped-byte": Case(
+        lambda tmp, t: (["distill", "--student", str(t), "--logit-cache", str(c := _flipped_cache(t, tmp)),
+                         "--verify", *_DISTILL], c / "logprobs-00000.npy"), _SHA),
+}
+CASES.update(INTEGRITY_CASES)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,6 +24,7 @@ from nas_minitron.distill.logit_cache import MANIFEST, LogitCache, build_logit_c
 from nas_minitron.distill.result import save_distilled
 from nas_minitron.distill.trainer import NonFiniteLossError, distill
 from nas_minitron.errors import UserError
+from nas_minitron.integrity import verify_checksums
 from nas_minitron.teacher import load_teacher, tokenizer_fingerprint, weights_fingerprint
 
 if TYPE_CHECKING:
@@ -62,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--is-alpha", type=float, default=None,
                         help="fixed weight of the intermediate-state loss (default: automatic L_logits / L_is)")
     add_training_args(parser, lr=1e-4)
+    parser.add_argument("--verify", action="store_true",
+                        help="check the sha256 of the artifacts this project wrote that it reads (--student's "
+                             "checksums.json, an existing --logit-cache): a full read; without it only their sizes "
+                             "(a --resume checkpoint is always checked in full)")
     parser.set_defaults(func=run)
 
 
@@ -86,11 +91,13 @@ def layer_map_from_pruning(student_dir: Path) -> tuple[int, ...] | None:
         raise UserError(f"cannot read kept layers from {str(path)!r}: {err!r}") from None
 
 
-def _load_student(path: Path, device: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_student(path: Path, device: str, trust_remote_code: bool,
+                  verify: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (path / "config.json").is_file():
         raise UserError(f"--student {str(path)!r} is not a Hugging Face model directory (no config.json).")
-    model, tokenizer = load_pretrained(str(path), "student", trust_remote_code=trust_remote_code,
-                                       hint="prune or distill it again")
+    hint = "prune or distill it again"
+    verify_checksums(path, "student file", hint, full=verify)  # a directory without checksums.json: unchecked
+    model, tokenizer = load_pretrained(str(path), "student", trust_remote_code=trust_remote_code, hint=hint)
     model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     return model, tokenizer
 
@@ -101,7 +108,7 @@ def _teacher_and_cache(
 ) -> tuple[PreTrainedModel | None, LogitCache | None]:
     """(teacher or None, cache or None). An existing cache means no teacher is loaded at all."""
     if args.logit_cache is not None and (args.logit_cache / MANIFEST).is_file():
-        cache = LogitCache.open(args.logit_cache)
+        cache = LogitCache.open(args.logit_cache, verify=args.verify)
         if cache.manifest.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(student_tok)):
             raise UserError(f"logit cache {str(args.logit_cache)!r} was built with another tokenizer.")
         if args.teacher:  # the cache replaces the teacher; a teacher named beside it must be the cache's teacher
@@ -131,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     topk = args.topk if args.topk is not None else (64 if args.logit_cache else 0)
     config = config_from_args(args, dtype, topk=topk, temperature=args.temperature, lm_weight=args.lm_weight,
                               is_loss=args.is_loss, is_alpha=args.is_alpha)
-    student, tokenizer = _load_student(args.student, device, args.trust_remote_code)
+    student, tokenizer = _load_student(args.student, device, args.trust_remote_code, args.verify)
     train, val = tokenize_streams(args, tokenizer)
     teacher, cache = _teacher_and_cache(args, student, tokenizer, train, val, device, topk)
     ckpt = args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt")

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     parser.add_argument("--label", default=None, help="name in the results table (default: the directory name)")
     parser.add_argument("--out", default=None, help="run directory to save eval/results.json, table.csv into")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the sha256 of every file a --model directory written by this project lists in "
+                             "its checksums.json (a full read); without it only their sizes")
     parser.add_argument("--speed", action="store_true", help="also measure prefill/decode speed and memory")
     parser.add_argument("--speed-batch-size", type=int, default=1, help="batch for --speed (default 1)")
     parser.add_argument("--speed-seq-len", type=int, default=128, help="prompt length for --speed (default 128)")
@@ -51,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     find_tasks(list(resolve_tasks(args.tasks, args.num_fewshot)), args.include_path)  # before loading the model
-    model, tokenizer, label = load_model(args.model, device=device)
+    model, tokenizer, label = load_model(args.model, device=device, verify=args.verify)
     result = evaluate_model(
         model,
         tokenizer,

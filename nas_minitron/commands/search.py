@@ -111,6 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         default=None, help=docs.get("stop_when_stable", ""))
     parser.add_argument("--asha", dest="asha", action="store_const", const=True, default=None,
                         help=docs.get("asha", ""))
+    parser.add_argument("--verify", dest="verify", action="store_const", const=True, default=None,
+                        help=docs.get("verify", ""))
     parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
     parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<teacher>-<budget>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir, skipping done stages")

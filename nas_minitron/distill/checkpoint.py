@@ -3,7 +3,10 @@
 Each holds the student as a Hugging Face safetensors directory (`student/`), the objective's projection
 (`objective.safetensors`), optimizer + scheduler + torch RNG state (`trainer.pt`, torch.save of plain state dicts,
 loaded with weights_only=True) and `state.json`: step, data position, curve so far, python/numpy RNG, config
-fingerprint, student arch, and the sha256 of every other file, so that a truncated checkpoint is refused.
+fingerprint, student arch, and the size and sha256 of every other file (`nas_minitron.integrity.file_entry`, read back
+once written), all checked on every load, so that a truncated or altered checkpoint is refused naming the file: a
+load is a resume (after a crash, or a rung of the search), rare next to the training it saves, and reads every file
+anyway (benchmarks/bench_integrity.py measures what the hashing adds).
 
 An FSDP-sharded student is saved whole: its weights and optimizer state are gathered to rank 0 first (the optimizer
 state then keyed by parameter name, not position), so that `student/` loads with stock `from_pretrained`.
@@ -21,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.artifacts import artifact_error, read_safetensors, reading
-from nas_minitron.atomic import atomic_directory, file_sha256
+from nas_minitron.atomic import atomic_directory
 from nas_minitron.distill.fsdp import is_sharded, load_full_optimizer, load_full_student
 from nas_minitron.errors import UserError
 from nas_minitron.families import describe_model
+from nas_minitron.integrity import check_file, file_entry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,7 +107,7 @@ def save_checkpoint(
              "scheduler": scheduler.state_dict(), "rng": torch_rng},
             tmp / "trainer.pt",
         )
-        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         record = {"format_version": FORMAT_VERSION, **state, "rng": json_rng, "files": files}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")  # last: its presence marks completion
     for old in _step_dirs(Path(checkpoint_dir))[:-keep_last_k]:
@@ -133,10 +137,12 @@ def _read_verified(path: Path) -> dict[str, Any]:
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint {str(path)!r} has format_version {state.get('format_version')!r}, "
                         f"expected {FORMAT_VERSION}.")
-    for name, digest in state.get("files", {}).items():
-        file = path / name
-        if not file.is_file() or file_sha256(file) != digest:
-            raise UserError(f"checkpoint {str(path)!r} is truncated or corrupted: {name} is missing or altered.")
+    with reading(path / STATE_FILE, "checkpoint state", _FIX, extra=(TypeError, AttributeError)):
+        # each entry: {"size", "sha256"}; a bare sha256 string in checkpoints written before sizes were recorded
+        files = {name: entry if isinstance(entry, dict) else {"sha256": str(entry)}
+                 for name, entry in state.get("files", {}).items()}
+    for name, entry in files.items():
+        check_file(path / name, entry, "checkpoint file", _FIX, full=True)
     return state
 
 

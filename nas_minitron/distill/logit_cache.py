@@ -3,12 +3,17 @@
 Layout of a cache directory (written atomically):
   manifest.json            format_version, num_sequences, seq_len, topk, vocab_size, the teacher's and the
                            tokenizer's fingerprints (`nas_minitron.teacher.weights_fingerprint` and
-                           `tokenizer_fingerprint`), and for every file its shape, dtype and sha256
+                           `tokenizer_fingerprint`), and for every file its shape, dtype, size and sha256
   tokens.npy               int32 [N, T]: the sequences the cache was built over (lookups go by their content)
   logprobs-00000.npy ...   float16 [n, T, k]: the teacher's top-k log-probabilities at temperature 1, sorted
   indices-00000.npy ...    int32 [n, T, k]: their token ids
 Shards hold `shard_sequences` sequences each and are memory-mapped on open. How the tail mass outside the top-k
 enters the loss is described in `nas_minitron.distill.losses` (an explicit "rest" bucket).
+
+Integrity: the sha256 are computed by reading the shards back once they are written; `open` checks every file's
+size (free), `open(verify=True)` (`--verify`) every sha256 as well (a full read of the cache: at 8B scale tens of GB,
+see benchmarks/bench_integrity.py), so that each of a search's trials does not re-hash the whole cache. A manifest
+written before sizes were recorded is checked in full.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.artifacts import artifact_error, reading
-from nas_minitron.atomic import atomic_directory, file_sha256
+from nas_minitron.atomic import atomic_directory
 from nas_minitron.distill.losses import topk_targets
 from nas_minitron.errors import UserError
+from nas_minitron.integrity import check_file, file_entry
 from nas_minitron.runtime import bf16_autocast
 from nas_minitron.teacher import tokenizer_fingerprint, weights_fingerprint
 
@@ -74,8 +80,9 @@ class LogitCache:
         return int(self.manifest["num_sequences"])
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str], verify: bool = True) -> LogitCache:
-        """Open a cache; `verify` checks every file's sha256 (refusing a truncated or altered cache)."""
+    def open(cls, directory: str | os.PathLike[str], verify: bool = False) -> LogitCache:
+        """Open a cache, refusing a missing or truncated file (by its size); `verify` also checks every file's sha256
+        (refusing an altered one: a full read)."""
         root = Path(directory)
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
@@ -92,13 +99,12 @@ class LogitCache:
             raise artifact_error(manifest_path, "logit-cache manifest", f"missing key(s) {', '.join(missing)}", _FIX)
         with reading(manifest_path, "logit-cache manifest", _FIX, extra=(TypeError, AttributeError)):
             shards = range(len(manifest["shards"]))  # a KeyError or TypeError below: a damaged entry
-            files = {name: (str(entry["file"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+            files = {name: (str(entry["file"]), {"sha256": str(entry["sha256"]), "size": entry.get("size")})
+                     for name, entry in manifest["files"].items()}
             for name in ("tokens", *(f"{kind}-{i}" for i in shards for kind in ("logprobs", "indices"))):
                 files[name]  # noqa: B018 - its KeyError names the missing entry
-        for file, digest in files.values():
-            path = root / file
-            if not path.is_file() or (verify and file_sha256(path) != digest):
-                raise UserError(f"logit cache {str(root)!r}: {file} is missing, truncated or altered.")
+        for file, entry in files.values():
+            check_file(root / file, entry, "logit-cache file", _FIX, full=verify)
 
         def load(name: str) -> np.memmap:
             with reading(root / files[name][0], "logit-cache file", _FIX, extra=(ValueError,)):
@@ -183,7 +189,7 @@ def build_logit_cache(
                 dtype_name = "float16" if kind == "logprobs" else "int32"
                 manifest["files"][f"{kind}-{shard}"] = {"file": name, "shape": [stop - start, seq_len, topk],
                                                        "dtype": dtype_name}
-        for entry in manifest["files"].values():
-            entry["sha256"] = file_sha256(tmp / entry["file"])
+        for entry in manifest["files"].values():  # read back once written: the one full read after writing
+            entry.update(file_entry(tmp / entry["file"]))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return LogitCache.open(out_dir, verify=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron.distill.config import DistillConfig, DistillResult
+from nas_minitron.integrity import write_checksums
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +62,8 @@ def save_distilled(
 
     `out_dir` receives the student (`save_pretrained`, loadable with stock `from_pretrained`; `state_dict` replaces
     its live weights, e.g. an FSDP student's full state gathered on rank 0), the tokenizer unless it is None,
-    every `extra_files` entry (file name -> text, e.g. the student's `pruning.json`), and last `distill.json`.
+    every `extra_files` entry (file name -> text, e.g. the student's `pruning.json`), `distill.json`, and last the
+    checksums of them all (`nas_minitron.integrity`).
     Writing is not atomic: callers write into `atomic_directory(...)`'s temporary directory.
 
     `distill.json` (one JSON object; a float that is NaN or infinite is written as null):
@@ -89,4 +91,5 @@ def save_distilled(
     record = distill_record(result, config=config, teacher=teacher, data=data, logit_cache=logit_cache,
                             student=None if student_source is None else str(student_source))
     (out / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    write_checksums(out)
     return out

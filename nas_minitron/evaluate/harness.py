@@ -23,6 +23,7 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.atomic import atomic_directory
 from nas_minitron.errors import UserError, first_line
 from nas_minitron.evaluate.speed import SpeedResult
+from nas_minitron.integrity import verify_checksums
 from nas_minitron.teacher import load_teacher
 
 if TYPE_CHECKING:
@@ -157,9 +158,11 @@ def find_tasks(
 
 
 def load_model(
-    spec: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype | None = None
+    spec: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype | None = None, verify: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """A model directory (or any teacher spec, e.g. 'smollm2-135m') -> (model, tokenizer, label) in eval mode."""
+    """A model directory (or any teacher spec, e.g. 'smollm2-135m') -> (model, tokenizer, label) in eval mode.
+
+    A directory this project wrote is checked against its checksums.json first: sizes, and with `verify` sha256."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
@@ -167,6 +170,7 @@ def load_model(
                 f"{str(spec)!r} is not a model directory: expected config.json and *.safetensors "
                 f"(a Hugging Face save_pretrained directory)."
             )
+        verify_checksums(path, "model file", "write it again (prune, distill or search)", full=verify)
         model, tokenizer = load_teacher(str(path), dtype=dtype, device=device, what="model")
         return model, tokenizer, path.resolve().name
     model, tokenizer = load_teacher(str(spec), dtype=dtype, device=device, what="model")

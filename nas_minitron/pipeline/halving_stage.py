@@ -104,6 +104,7 @@ def _write_tables(run: Run, result: HalvingResult) -> None:
 def rung_trials(run: Run) -> dict[str, Any]:
     """Screen, then successive halving; the tables above; the winners' trial weights exported for `winners`."""
     s = run.settings
+    run.verify_shared()  # --verify: what every trial reads by path, hashed once here (trials check sizes)
     if run.release_teacher():
         run.log("  released the driver's teacher for the trials")
     spec = halving_spec(run)

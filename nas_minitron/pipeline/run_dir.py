@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import write_json_atomic
 from nas_minitron.data import load_sequences
+from nas_minitron.distill.logit_cache import MANIFEST, LogitCache
 from nas_minitron.pipeline.settings import SearchSettings
 from nas_minitron.runtime import resolve_device
 from nas_minitron.teacher import load_teacher
@@ -149,7 +150,18 @@ class Run:
         return self.path("data", f"{split}.safetensors")
 
     def sequences(self, split: str) -> torch.Tensor:
-        return load_sequences(self.data_path(split))
+        return load_sequences(self.data_path(split), verify=self.settings.verify)
+
+    def verify_shared(self) -> None:
+        """With --verify, the sha256 of what every trial reads by path (the token files and the logit cache), once
+        in the driver: the trials themselves check sizes only (importance scores they check in full, being small)."""
+        if not self.settings.verify:
+            return
+        for split in ("train_short", "validation"):
+            if self.data_path(split).is_file():
+                load_sequences(self.data_path(split), verify=True)
+        if (self.path("logit_cache") / MANIFEST).is_file():
+            LogitCache.open(self.path("logit_cache"), verify=True)
 
     # ---- the driver's device and teacher ----------------------------------------------------------------------
     def device(self) -> str:

@@ -127,6 +127,10 @@ class SearchSettings:
     at its validation points"""
     gpu_memory_gib: float = 80.0
     """memory of one GPU (GiB) that the resource plan (pipeline/plan.py) checks trials and full distillation against"""
+    verify: bool = False
+    """check the sha256 of every artifact the run wrote as it is read again (token files, logit cache, trial weights,
+    winners; a full read of each); without it only their sizes are checked (importance scores and checkpoints are
+    always checked in full)"""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -139,7 +143,7 @@ class SearchSettings:
 # match), full_gpus / full_workers (the world size sets a winner's steps, schedule and data shards) and storage (the
 # study there is the search's memory: another storage would hold none of it).
 RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "cache_dir", "scratch_dir",
-                          "checkpoint_minutes", "gpu_memory_gib"})
+                          "checkpoint_minutes", "gpu_memory_gib", "verify"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
 LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}

@@ -29,6 +29,7 @@ from nas_minitron.distill.trainer import distill
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import evaluate_model, save_eval
 from nas_minitron.evaluate.speed import measure_speed
+from nas_minitron.integrity import CHECKSUMS, verify_checksums, write_checksums
 from nas_minitron.pipeline.run_dir import CURVE_COLUMNS, TRIAL_COLUMNS, WINNER_COLUMNS, Run, read_csv, write_csv
 from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers
 from nas_minitron.prune.importance import compute_importance
@@ -244,6 +245,7 @@ def trials(run: Run) -> dict[str, Any]:
     where it was placed (a reserved GPU it cannot see) stops the search with its one-line message.
     """
     s = run.settings
+    run.verify_shared()  # --verify: what every trial reads by path, hashed once here (trials check sizes)
     if run.release_teacher():
         run.log("  released the driver's teacher for the trials")
     spec = trial_spec(run)
@@ -335,11 +337,23 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _link_files(src: Path, dst: Path, skip: Callable[[Path], bool]) -> None:
-    """Link (or copy) the files of `src` into `dst`, except those `skip` names or `dst` already has."""
+def _link_files(src: Path, dst: Path, skip: Callable[[Path], bool]) -> list[str]:
+    """Link (or copy) the files of `src` into `dst`, except those `skip` names, `dst` already has, and the checksum
+    record (the caller writes `dst`'s own); the names linked."""
+    linked = []
     for item in sorted(src.iterdir()):
-        if item.is_file() and not skip(item) and not (dst / item.name).exists():
+        if item.is_file() and not skip(item) and item.name != CHECKSUMS and not (dst / item.name).exists():
             _link_or_copy(item, dst / item.name)
+            linked.append(item.name)
+    return linked
+
+
+_STUDENT_FIX = "rerun the stage that wrote it (delete the folder, then --resume)"
+
+
+def _check_student(run: Run, folder: Path) -> None:
+    """A student folder the run wrote, against its checksums: sizes always, sha256 with --verify."""
+    verify_checksums(folder, "student file", _STUDENT_FIX, full=run.settings.verify)
 
 
 def _trial_weights(run: Run, arch_name: str) -> tuple[Path | None, int]:
@@ -380,8 +394,10 @@ def winners(run: Run) -> dict[str, Any]:
         trained, tokens_seen = _trial_weights(run, arch.name)
         with atomic_directory(run.path("winners", arch.name), overwrite=True) as tmp:
             if trained is not None:
+                _check_student(run, trained)
                 tokenizer.save_pretrained(tmp)  # first: a link is never written through
                 _link_files(trained, tmp, skip=lambda f: f.name == RECORD_FILE or f.name.startswith("."))
+                write_checksums(tmp)
                 plan = PruningPlan.load(tmp / PLAN_FILE)
             else:  # re-pruned: cut from the teacher's files as the trials cut theirs (the teacher loaded only if
                 # its files are not safetensors)
@@ -403,8 +419,10 @@ def winners(run: Run) -> dict[str, Any]:
     return {"winners": [t["name"] for t in table], "sources": [t["source"] for t in table]}
 
 
-def _load_student(folder: Path, device: str) -> PreTrainedModel:
-    """A saved student in float32 (the master weights a distillation steps) on `device`."""
+def _load_student(run: Run, folder: Path, device: str) -> PreTrainedModel:
+    """A saved student in float32 (the master weights a distillation steps) on `device`, checked against its
+    checksums first."""
+    _check_student(run, folder)
     student = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     student.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     return student
@@ -482,7 +500,7 @@ def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tup
     with atomic_directory(folder, overwrite=True) as tmp:
         if where.in_driver:
             teacher, _ = run.teacher()
-            student = _load_student(folder, where.device)
+            student = _load_student(run, folder, where.device)
 
             def on_eval(point: EvalPoint) -> None:
                 log(point)
@@ -503,7 +521,9 @@ def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tup
             for point in result.curve:
                 log(point)
         # the tokenizer and pruning.json: everything of the old folder that the new student did not replace
-        _link_files(folder, tmp, skip=lambda f: any(f.match(p) for p in _WEIGHT_FILES) or f.name == RECORD_FILE)
+        linked = _link_files(folder, tmp,
+                             skip=lambda f: any(f.match(p) for p in _WEIGHT_FILES) or f.name == RECORD_FILE)
+        write_checksums(tmp, linked)  # the new student's own are written with it (`save_distilled`)
     for done in (checkpoints, run.path("ray_train", name)):
         shutil.rmtree(done, ignore_errors=True)
     for parent in (run.path("checkpoints"), run.path("ray_train")):
@@ -548,7 +568,7 @@ def evaluate(run: Run) -> dict[str, Any]:
     teacher, tokenizer = run.teacher()
     device = run.device()
     models = [("teacher", teacher)] + [
-        (row["name"], _load_student(run.path(row["path"]), device))
+        (row["name"], _load_student(run, run.path(row["path"]), device))
         for row in run.winner_rows()
     ]
     results, speeds = [], []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nas_minitron.arch import ArchConfig, count_params
 from nas_minitron.errors import UserError
 from nas_minitron.families import describe
+from nas_minitron.integrity import write_checksums
 from nas_minitron.prune.keep import KeepIndices, keep_from_scores
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.prune.surgery import check_target
@@ -137,7 +138,9 @@ def plan_for(
 def save_student(
     student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plan: PruningPlan, directory: Path
 ) -> None:
-    """Write a from_pretrained-loadable directory: weights, config, tokenizer and pruning.json."""
+    """Write a from_pretrained-loadable directory: weights, config, tokenizer, pruning.json and the checksums of
+    them all (`nas_minitron.integrity`)."""
     student.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+    write_checksums(directory)

@@ -1,8 +1,9 @@
 """`ImportanceScores`: one score per prunable unit, higher = more important, from any criterion.
 
 Activation importance (importance.py), weight magnitude and seeded random (baselines.py) all produce this record,
-so one selection routine (keep.py) turns any of them into keep indices. Saved as safetensors + JSON, never pickle;
-read back through `nas_minitron.artifacts`, so a damaged file or a score holding NaN/Inf is refused naming the file.
+so one selection routine (keep.py) turns any of them into keep indices. Saved as safetensors + JSON, never pickle,
+with their sha256 (`nas_minitron.integrity`, checked in full on every load: the files are small); read back through
+`nas_minitron.artifacts`, so a damaged or altered file or a score holding NaN/Inf is refused naming the file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from nas_minitron._lazy import lazy_import
 from nas_minitron.artifacts import artifact_error, read_safetensors, reading
 from nas_minitron.errors import UserError
+from nas_minitron.integrity import verify_checksums, write_checksums
 
 if TYPE_CHECKING:
     import safetensors.torch as st
@@ -56,7 +58,7 @@ class ImportanceScores:
         return str(self.meta.get("criterion", "unknown"))
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write `scores.safetensors` and `scores.json` into an existing directory."""
+        """Write `scores.safetensors`, `scores.json` and their checksums into an existing directory."""
         out = Path(directory)
         tensors = {"heads": self.heads, "neurons": self.neurons, "channels": self.channels}
         tensors.update({f"layers.{name}": value for name, value in self.layers.items()})
@@ -64,6 +66,7 @@ class ImportanceScores:
         st.save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(out / _TENSORS_FILE))
         meta = dict(self.meta, format_version=FORMAT_VERSION)
         (out / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_checksums(out, [_TENSORS_FILE, _META_FILE])
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ImportanceScores:
@@ -84,6 +87,9 @@ class ImportanceScores:
             )
         tensors = read_safetensors(src / _TENSORS_FILE, "importance scores", hint=_RECOMPUTE, require=_REQUIRED,
                                    finite=True)
+        # Last, so that a file that cannot be read at all is refused with the reason why; this catches the rest (a
+        # flipped bit in a score that leaves it finite, an edited record).
+        verify_checksums(src, "importance scores", _RECOMPUTE, full=True, names=[_TENSORS_FILE, _META_FILE])
         layers = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")}
         windows = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("windows.")}
         return cls(tensors["heads"], tensors["neurons"], tensors["channels"], layers, windows, meta)

@@ -44,6 +44,7 @@ from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint,
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.trainer import distill
 from nas_minitron.errors import UserError
+from nas_minitron.integrity import write_checksums
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.prune.sliced import is_safetensors_dir
@@ -202,10 +203,11 @@ def _distill(student: PreTrainedModel, spec: TrialSpec, teacher: PreTrainedModel
 
 
 def _save_weights(student: PreTrainedModel, plan: PruningPlan, folder: Path) -> None:
-    """The trained student, from_pretrained-loadable, with its pruning plan; all or nothing."""
+    """The trained student, from_pretrained-loadable, with its pruning plan and their checksums; all or nothing."""
     with atomic_directory(folder, overwrite=True) as tmp:
         student.save_pretrained(tmp)
         (tmp / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+        write_checksums(tmp)
 
 
 def run_candidate(arch_name: str, spec: TrialSpec, report: Report, resume_dir: Path | None, *, trial_id: str = "",
@@ -329,6 +331,7 @@ def export_rung_weights(run_dir: str | Path, arch_name: str, rung: int, tokens: 
         for item in (latest / "student").iterdir():
             shutil.copy2(item, tmp / item.name)
         shutil.copy2(folder / PLAN_FILE, tmp / PLAN_FILE)
+        write_checksums(tmp)
     write_json_atomic(trial_result_path(run_dir, arch_name), {
         "arch": arch_name, "trial_dir": str(latest), "final": record["metrics"], "curve": [record["metrics"]],
         "weights": {"path": str(weights.relative_to(Path(run_dir))), "num_tokens": tokens}})

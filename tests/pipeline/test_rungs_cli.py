@@ -166,3 +166,19 @@ def test_screen_lets_the_sampler_choose_which_candidates_rung_0_scores(tiny_teac
     assert set(screened) <= {r["name"] for r in rows(run_dir / "candidates.csv")}
     promoted = len([r for r in rows(run_dir / "rungs.csv") if r["rung"] == "1"])
     assert 2 <= promoted <= 4  # ceil(4 / 2), up to twice that when the validation sequences cannot separate them
+
+
+@pytest.mark.slow  # ~40 s: a search to its logit cache, then a refused resume
+def test_resume_with_verify_refuses_a_cache_changed_in_place(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """The cheap size check cannot see a byte changed in place; `--verify` hashes what every trial reads, once in
+    the driver, before any trial runs."""
+    run_dir = tmp_path / "run"
+    first = rung_search(tiny_teacher_dir, run_dir, "--stop-after", "logit_cache")
+    assert first.returncode == 0, first.stderr[-3000:]
+    shard = next((run_dir / "logit_cache").glob("logprobs-*.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    line = one_error_line(rung_search(tiny_teacher_dir, run_dir, "--resume", "--verify", "--stop-after", "trials"))
+    assert shard.name in line and "sha256 mismatch" in line, line
+    assert not (run_dir / "rungs").exists()  # no trial ran
