@@ -17,15 +17,50 @@ from typing import Any
 
 from nas_minitron.errors import UserError
 
-__all__ = ["atomic_directory", "check_output_dir", "file_sha256", "write_json_atomic"]
+__all__ = ["atomic_directory", "check_output_dir", "check_output_file", "check_writable_dir",
+           "file_sha256", "nearest_existing",
+           "write_json_atomic"]
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output directory unless `overwrite`; call before any expensive work."""
-    if path.exists() and not overwrite:
+def nearest_existing(path: Path) -> Path | None:
+    """`path` or its nearest existing ancestor: where creating `path` would start."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """UserError unless `path` is a writable directory or can be created as one (its nearest existing ancestor is a
+    directory this process may write); the message names `flag` and the path."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a file, not a directory; choose another {flag}.")
+    _check_creatable(target, flag, path)
+
+
+def _check_creatable(target: Path, flag: str, shown: str | os.PathLike[str]) -> None:
+    ancestor = nearest_existing(target.resolve())
+    if ancestor is None or not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {str(shown)!r} is not writable: {str(ancestor)!r} is not a writable directory; "
+                        f"choose another {flag}.")
+
+
+def check_output_dir(path: str | os.PathLike[str], overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an output directory that `atomic_directory` could not write: a file, an existing directory unless
+    `overwrite`, or one whose parent cannot be created or written. Call it before any expensive work."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a file, not a directory; choose another {flag}.")
+    if target.exists() and not overwrite:
         raise UserError(f"output directory {str(path)!r} already exists; pass --overwrite to replace it.")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output path {str(path)!r} exists and is not a directory.")
+    _check_creatable(target.absolute().parent, flag, path)  # the temporary sibling and the rename go there
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str, expected: str = "a file name") -> None:
+    """Refuse an output file that could not be written: a directory, or one whose directory cannot be created or
+    written (a temporary file there is renamed onto it)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a directory; expected {expected}.")
+    _check_creatable(target.absolute().parent, flag, path)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from nas_minitron import __version__
 from nas_minitron.commands import (
@@ -46,8 +47,16 @@ _COMMANDS: tuple[tuple[str, ModuleType], ...] = (
 EXIT_USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors (a bad flag value, a missing flag) in the one line a `UserError` gets:
+    `PROG: error: MESSAGE (see PROG --help)` and exit code 2, not the usage block first. Subparsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nas-minitron",
         description=(
             "Prune a Hugging Face LLM by activation importance, distill it, and search for the best student at a "

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +28,12 @@ from nas_minitron.errors import UserError
 from nas_minitron.families import get_family
 
 if TYPE_CHECKING:
+    import safetensors
     import torch
     import transformers
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 else:
+    safetensors = lazy_import("safetensors")
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
 
@@ -39,10 +42,12 @@ __all__ = [
     "cache_root",
     "load_teacher",
     "load_teacher_config",
+    "load_teacher_tokenizer",
     "read_teacher_config",
     "resolve_teacher_dir",
     "tokenizer_fingerprint",
     "weights_fingerprint",
+    "weights_fingerprint_of_dir",
 ]
 
 DEFAULT_TEACHER = "smollm2-135m"
@@ -152,6 +157,15 @@ def load_teacher_config(
     return read_teacher_config(where, trust_remote_code, "teacher config")
 
 
+def load_teacher_tokenizer(where: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a resolved teacher directory (`resolve_teacher_dir`), without its weights."""
+    with reading(where, "teacher tokenizer", extra=(ValueError,)):
+        tokenizer: PreTrainedTokenizerBase = transformers.AutoTokenizer.from_pretrained(
+            where, trust_remote_code=trust_remote_code
+        )
+    return tokenizer
+
+
 def load_teacher(
     spec: str,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -180,8 +194,46 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def weights_fingerprint(model: PreTrainedModel) -> str:
     """A short hash of every tensor's name, shape, dtype and a strided sample of its values (not a full read)."""
+    return _fingerprint(model.state_dict().items())
+
+
+def weights_fingerprint_of_dir(where: str, trust_remote_code: bool = False) -> str | None:
+    """`weights_fingerprint` of the model `load_teacher(where)` would give (float32), read from its safetensors files
+    one tensor at a time instead of loading it; None when the files do not name every tensor as the model does."""
+    directory = Path(where)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        with reading(index, "teacher index", _FIX_TEACHER):
+            files = {str(k): directory / str(v) for k, v in json.loads(index.read_text())["weight_map"].items()}
+    elif (directory / "model.safetensors").is_file():
+        single = directory / "model.safetensors"
+        with reading(single, "teacher weights", _FIX_TEACHER), safetensors.safe_open(str(single), "pt") as handle:
+            files = {str(k): single for k in handle.keys()}  # noqa: SIM118
+    else:
+        return None
+    config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                              trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    meta = model.state_dict(keep_vars=True)  # the loaded model's names and order; tied entries are one object
+    source = {id(t): name for name, t in reversed(meta.items()) if name in files}
+    if any(name not in files and id(t) not in source for name, t in meta.items()):
+        return None  # renamed or missing keys: only loading the model says what transformers makes of them
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in meta.items():
+            key = name if name in files else source[id(t)]
+            file = files[key]
+            with reading(file, "teacher weights", _FIX_TEACHER), safetensors.safe_open(str(file), "pt") as handle:
+                yield name, handle.get_tensor(key).to(t.dtype)
+
+    return _fingerprint(tensors())
+
+
+def _fingerprint(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in items:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = torch.cat([flat[::step][:4096], flat[-64:]]).float().cpu()

@@ -10,6 +10,7 @@ sibling) left behind. Progress bars (transformers' "Loading weights", distill's 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from cli_helpers import one_error_line, run_cli
+from cli_helpers import one_error_line, run_cli, search
 from nas_minitron.artifacts import (
     artifact_error,
     load_pretrained,
@@ -38,7 +39,7 @@ from nas_minitron.families import describe_model
 from nas_minitron.integrity import write_checksums
 from nas_minitron.prune.baselines import random_scores
 from nas_minitron.prune.scores import ImportanceScores
-from nas_minitron.teacher import load_teacher
+from nas_minitron.teacher import load_teacher, weights_fingerprint, weights_fingerprint_of_dir
 from tiny_models import tiny_model
 
 ARCH = "L2-H48-I50-A2-KV1"
@@ -501,3 +502,145 @@ def test_checkpoint_weights_are_read_through_the_helper(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot read checkpoint weights .*: truncated .*drop --resume") as info:
         load_checkpoint(path, student, objective, optimizer, scheduler, "f")
     assert str(weights) in str(info.value)
+
+
+# ==== everything checked before work: unwritable outputs, numeric flags, consistency ==============================
+# (a block of its own: the damaged-artifact rows above grow in another branch). Each row runs the real CLI and is
+# refused before anything is loaded or written: exit 2, one line naming the value, nothing left behind.
+_TRAIN = ["--tokens", "64", "--seq-len", "16", "--batch-size", "1", "--val-sequences", "1", "--device", "cpu"]
+
+
+def _writer_args(command: str, teacher: Path, tmp: Path) -> list[str]:
+    """The cheapest invocation of each command that writes, without its output flag."""
+    if command == "report":
+        run = tmp / "run"
+        run.mkdir(exist_ok=True)
+        (run / "config.json").write_text("{}")
+        return ["report", str(run)]
+    return {
+        "prune": _prune(teacher) + ["--criterion", "random"],
+        "distill": ["distill", "--teacher", str(teacher), "--student", str(teacher), *_TRAIN],
+        "correct-teacher": ["correct-teacher", "--teacher", str(teacher), *_TRAIN],
+        "dmc": ["dmc", "--model", str(teacher), "--target-cr", "2", *_TRAIN],
+        "importance": _importance(Path("builtin")) + ["--teacher", str(teacher)],
+        "eval": ["eval", "--model", str(teacher), "--device", "cpu", "--limit", "2"],
+        "search": ["search", "--teacher", str(teacher), "--budget", "0.6x", "--space", "tiny", "--seq-len", "16"],
+    }[command]
+
+
+_WRITERS = ("prune", "distill", "correct-teacher", "dmc", "importance", "eval", "report", "search")
+_OUT_FLAG = {"search": "--run-dir"}
+
+
+@pytest.mark.parametrize("where", ["parent-is-a-file", "out-is-a-file", "read-only-parent"])
+@pytest.mark.parametrize("command", _WRITERS)
+def test_cli_refuses_an_unwritable_output_before_work(command: str, where: str, tiny_teacher_dir: Path,
+                                                      tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    if where == "read-only-parent":
+        blocker.mkdir()
+        blocker.chmod(0o555)
+        if os.access(blocker, os.W_OK):  # root writes anyway: nothing to refuse
+            pytest.skip("this user can write a read-only directory")
+        out, named = blocker / "out", blocker
+    elif where == "parent-is-a-file":
+        blocker.write_text("a file")
+        out, named = blocker / "out", blocker
+    else:
+        blocker.write_text("a file")
+        out = named = blocker
+    if command == "report":
+        out = out / "report.html" if where != "out-is-a-file" else tmp_path  # a directory where a file goes
+        named = out if where == "out-is-a-file" else named
+    flag = _OUT_FLAG.get(command, "--out")
+    try:
+        line = one_error_line(cli(*_writer_args(command, tiny_teacher_dir, tmp_path), flag, str(out)))
+    finally:
+        if blocker.is_dir():
+            blocker.chmod(0o755)
+    assert flag in line and repr(str(named)) in line, line
+    assert not list(tmp_path.rglob(".*tmp-*")) and not list(tmp_path.glob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["distill", "--student", "s", "--tokens", "0", "--out", "o"], "--tokens: must be an integer >= 1, but got 0"),
+     (["distill", "--student", "s", "--tokens", "64", "--lr", "nan", "--out", "o"],
+      "--lr: must be a finite number > 0, but got 'nan'"),
+     (["distill", "--student", "s", "--tokens", "64", "--warmup-fraction", "1", "--out", "o"],
+      "--warmup-fraction: must be a number in [0, 1), but got '1'"),
+     (["correct-teacher", "--teacher", "t", "--tokens", "64", "--batch-size", "0", "--out", "o"],
+      "--batch-size: must be an integer >= 1, but got 0"),
+     (["dmc", "--model", "m", "--target-cr", "2", "--tokens", "64", "--window", "0", "--out", "o"],
+      "--window: must be an integer >= 1, but got 0"),
+     (["eval", "--model", "m", "--limit", "0"], "--limit: must be an integer >= 1, but got 0"),
+     (["eval", "--model", "m", "--speed-seq-len", "-8"], "--speed-seq-len: must be an integer >= 1, but got -8"),
+     (["importance", "--teacher", "t", "--num-samples", "0", "--out", "o"],
+      "--num-samples: must be an integer >= 1, but got 0"),
+     (["importance", "--teacher", "t", "--window-sizes", "0,2", "--out", "o"], "window sizes must be integers >= 1"),
+     (["candidates", "--budget", "0.5x", "--tolerance", "1"], "--tolerance: must be a number in [0, 1), but got '1'"),
+     (["prune", "--arch", ARCH, "--seed", "-1", "--out", "o"], "--seed: must be an integer >= 0, but got -1"),
+     (["search", "--cpus-per-trial", "0"], "cpus_per_trial must be >= 1, but got 0")],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_cli_refuses_a_bad_number_in_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
+    line = one_error_line(run_cli(*args, cwd=tmp_path))
+    assert needle in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def _scores_of_another_teacher(tmp: Path, key: str) -> Path:
+    """Scores whose record says they were computed for another teacher (other weights, or another arch)."""
+    directory = _scores_dir(tmp)
+    meta = json.loads((directory / "scores.json").read_text())
+    meta[key] = "0123456789abcdef" if key == "weights_fingerprint" else "L4-H64-I128-A4-KV2"
+    (directory / "scores.json").write_text(json.dumps(meta))
+    return directory
+
+
+BEFORE_WORK: dict[str, tuple[Callable[[Path, Path], list[str]], tuple[str, ...]]] = {
+    "prune-importance-of-other-weights": (
+        lambda tmp, t: [*_prune(t), "--importance", str(_scores_of_another_teacher(tmp, "weights_fingerprint"))],
+        ("computed for another teacher", "weights_fingerprint '0123456789abcdef' in the scores")),
+    "prune-importance-of-other-arch": (
+        lambda tmp, t: [*_prune(t), "--importance", str(_scores_of_another_teacher(tmp, "teacher_arch"))],
+        ("computed for another teacher", "teacher_arch 'L4-H64-I128-A4-KV2' in the scores")),
+    "distill-seq-len-above-positions": (
+        lambda tmp, t: ["distill", "--teacher", str(t), "--student", str(t), *_TRAIN, "--seq-len", "512"],
+        ("--seq-len 512 exceeds the student's max_position_embeddings (256)", "valid: 1..256")),
+    "correct-teacher-seq-len-above-positions": (
+        lambda tmp, t: ["correct-teacher", "--teacher", str(t), *_TRAIN, "--seq-len", "512"],
+        ("--seq-len 512 exceeds the teacher's max_position_embeddings (256)",)),
+    "dmc-seq-len-above-positions": (
+        lambda tmp, t: ["dmc", "--model", str(t), "--target-cr", "2", *_TRAIN, "--seq-len", "300", "--tokens", "600"],
+        ("--seq-len 300 exceeds the model's max_position_embeddings (256)",)),
+    "importance-seq-len-above-positions": (
+        lambda tmp, t: [*_importance(Path("builtin")), "--teacher", str(t), "--seq-len", "257"],
+        ("--seq-len 257 exceeds the teacher's max_position_embeddings (256)",)),
+    "eval-speed-past-positions": (
+        lambda tmp, t: ["eval", "--model", str(t), "--device", "cpu", "--limit", "2", "--speed", "--speed-seq-len",
+                        "250"],
+        ("--speed-seq-len 250 + --speed-decode-tokens 32 = 282 exceeds the model's max_position_embeddings",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_WORK))
+def test_cli_refuses_inconsistent_settings_before_work(name: str, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    build, needles = BEFORE_WORK[name]
+    out = tmp_path / "out"
+    line = one_error_line(cli(*build(tmp_path, tiny_teacher_dir), "--out", str(out)))
+    assert all(n in line for n in needles), line
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*")) and not list(tmp_path.glob("*.ckpt"))
+
+
+def test_search_refuses_too_little_data_before_the_run_directory(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    line = one_error_line(search(tiny_teacher_dir, run_dir, "--data", str(_small_text(tmp_path)),
+                                 "--calibration-samples", "100000", cwd=tmp_path))
+    assert "its calibration split holds" in line and "needs 100000 (--calibration-samples)" in line, line
+    assert not run_dir.exists()
+
+
+def test_the_file_fingerprint_is_the_loaded_teachers(tiny_teacher_dirs: dict[str, Path]) -> None:
+    for directory in tiny_teacher_dirs.values():  # tied (qwen) and untied embeddings
+        assert weights_fingerprint_of_dir(str(directory)) == weights_fingerprint(load_teacher(str(directory))[0])

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
+from nas_minitron.atomic import check_output_dir, check_writable_dir
 from nas_minitron.data import iter_sequences, take_sequences
 from nas_minitron.distill.config import DistillConfig, StepInfo
 from nas_minitron.errors import UserError
@@ -29,13 +32,93 @@ __all__ = [
     "TEACHER_HELP",
     "add_teacher_args",
     "add_training_args",
+    "at_least",
+    "check_outputs",
+    "check_seq_len",
+    "checkpoint_dir",
     "config_from_args",
     "device_and_dtype",
+    "fraction",
+    "non_negative",
+    "positive",
+    "model_config_json",
     "tokenize_streams",
     "progress",
 ]
 
 MAX_DATA_PASSES = 4  # a training run may pass over its data at most this often unless --allow-repeat
+
+
+
+# ---- numeric flags: every command's numbers are parsed by one of these, so a bad value is refused by argparse in one
+# line (cli.py) that names the flag, the value and the valid range, before anything is loaded.
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, but got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, but got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _number(text: str, valid: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number {valid}, but got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number {valid}, but got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates, temperatures)."""
+    value = _number(text, "> 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, but got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0 (loss weights)."""
+    value = _number(text, ">= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, but got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a share in [0, 1) (warmup and stage fractions)."""
+    value = _number(text, "in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), but got {text!r}")
+    return value
+
+
+def model_config_json(directory: Path) -> dict[str, Any]:
+    """A model directory's config.json as read, or {} when it cannot be read (its loader says why, with the file)."""
+    try:
+        data = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_seq_len(seq_len: int, config: dict[str, Any], what: str, flag: str = "--seq-len") -> None:
+    """UserError when `seq_len` exceeds the model's max_position_embeddings (positions past it were never trained;
+    no RoPE scaling is applied)."""
+    max_positions = config.get("max_position_embeddings")
+    if isinstance(max_positions, int) and seq_len > max_positions:
+        raise UserError(f"{flag} {seq_len} exceeds the {what}'s max_position_embeddings ({max_positions}); valid: "
+                        f"1..{max_positions}.")
+
 
 TEACHER_HELP = "local HF model directory, .gguf file, hub id (org/name), or the embedded default 'smollm2-135m'"
 
@@ -64,30 +147,45 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float) -> None:
     """--data, --tokens, --out and the optimisation flags."""
     parser.add_argument("--data", default="builtin",
                         help="'builtin', a local file/folder, or hf:NAME (default: builtin)")
-    parser.add_argument("--tokens", type=int, required=True, help="training budget in tokens")
+    parser.add_argument("--tokens", type=at_least(1), required=True, help="training budget in tokens")
     parser.add_argument("--out", type=Path, required=True, help="output model directory (must not exist)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default: 4)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
-    parser.add_argument("--warmup-fraction", type=float, default=0.05, help="warmup share of steps (default: 0.05)")
-    parser.add_argument("--eval-every-tokens", type=int, default=None,
+    parser.add_argument("--seq-len", type=at_least(2), default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--batch-size", type=at_least(1), default=4, help="sequences per micro-batch (default: 4)")
+    parser.add_argument("--grad-accum", type=at_least(1), default=1,
+                        help="micro-batches per optimizer step (default: 1)")
+    parser.add_argument("--lr", type=positive, default=lr, help=f"peak learning rate (default: {lr:g})")
+    parser.add_argument("--warmup-fraction", type=fraction, default=0.05,
+                        help="warmup share of steps (default: 0.05)")
+    parser.add_argument("--eval-every-tokens", type=at_least(0), default=None,
                         help="validate and checkpoint every this many tokens (default: a tenth of --tokens)")
-    parser.add_argument("--val-sequences", type=int, default=16, help="held-out validation sequences (default: 16)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation (default: 0)")
+    parser.add_argument("--val-sequences", type=at_least(1), default=16,
+                        help="held-out validation sequences (default: 16)")
+    parser.add_argument("--seed", type=at_least(0), default=0,
+                        help="seed of data order and initialisation (default: 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=("float32", "bf16"), default=None,
                         help="float32, or bf16 autocast (default: bf16 on CUDA, float32 on CPU)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="where training checkpoints go (default: OUT.ckpt next to --out)")
-    parser.add_argument("--keep-last-k", type=int, default=2, help="checkpoints kept (default: 2)")
+    parser.add_argument("--keep-last-k", type=at_least(1), default=2, help="checkpoints kept (default: 2)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints after success")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--allow-repeat", action="store_true",
                         help=f"allow --tokens to pass over the train split more than {MAX_DATA_PASSES} times "
                              "(refused otherwise: a typo in --tokens would loop over a small file for hours)")
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    """--checkpoint-dir, or OUT.ckpt next to --out."""
+    return Path(args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt"))
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out and the checkpoint directory of a training command: refused now if they could not be written later."""
+    check_output_dir(args.out, args.overwrite)
+    check_writable_dir(checkpoint_dir(args), "--checkpoint-dir")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[str, str]:

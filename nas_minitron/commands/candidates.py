@@ -10,8 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from nas_minitron.arch import Budget, count_params
-from nas_minitron.commands.args import add_teacher_args
-from nas_minitron.errors import UserError
+from nas_minitron.commands.args import add_teacher_args, at_least, fraction
 from nas_minitron.families import describe
 from nas_minitron.space.candidates import CANDIDATE_COLUMNS, Candidate, default_space, enumerate_candidates
 from nas_minitron.space.presets import preset_names, resolve_teacher_config
@@ -39,16 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"search-space YAML file or shipped name ({', '.join(space_names())}); default: derived from the teacher",
     )
-    parser.add_argument("--tolerance", type=float, default=None,
+    parser.add_argument("--tolerance", type=fraction, default=None,
                         help="allowed |params - budget| / budget (default: the space's, 0.05)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
-    parser.add_argument("--max", type=int, default=None, dest="max_count", help="print at most N candidates")
+    parser.add_argument("--max", type=at_least(1), default=None, dest="max_count", help="print at most N candidates")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_count is not None and args.max_count < 1:
-        raise UserError(f"--max must be a positive number of candidates, but got {args.max_count}.")
     budget = Budget.parse(args.budget)  # before reading the teacher: a typo fails instantly
     config = resolve_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code)
     family, teacher_arch = describe(config)

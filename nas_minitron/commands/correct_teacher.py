@@ -11,10 +11,13 @@ import json
 import shutil
 import sys
 
-from nas_minitron.atomic import atomic_directory, check_output_dir
+from nas_minitron.atomic import atomic_directory
 from nas_minitron.commands.args import (
     add_teacher_args,
     add_training_args,
+    check_outputs,
+    check_seq_len,
+    checkpoint_dir,
     config_from_args,
     device_and_dtype,
     progress,
@@ -23,7 +26,7 @@ from nas_minitron.commands.args import (
 from nas_minitron.distill.result import distill_record
 from nas_minitron.distill.trainer import NonFiniteLossError, distill
 from nas_minitron.errors import UserError
-from nas_minitron.teacher import load_teacher
+from nas_minitron.teacher import load_teacher, load_teacher_config
 
 __all__ = ["register"]
 
@@ -46,13 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.out, args.overwrite)
+    check_outputs(args)
     device, dtype = device_and_dtype(args)
     config = config_from_args(args, dtype, kd_weight=0.0, lm_weight=1.0)
+    check_seq_len(args.seq_len, load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code), "teacher")
     teacher, tokenizer = load_teacher(args.teacher, args.cache_dir, device=device,
                                       trust_remote_code=args.trust_remote_code)
     train, val = tokenize_streams(args, tokenizer)
-    ckpt = args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt")
+    ckpt = checkpoint_dir(args)
     on_step, close = progress(config.num_tokens, "correct-teacher")
     try:
         result = distill(teacher, train, val, config, checkpoint_dir=ckpt, resume=args.resume, on_step=on_step)

@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.artifacts import load_pretrained
-from nas_minitron.atomic import atomic_directory, check_output_dir
+from nas_minitron.atomic import atomic_directory
 from nas_minitron.commands.args import (
     add_teacher_args,
     add_training_args,
+    at_least,
+    check_outputs,
+    check_seq_len,
+    checkpoint_dir,
     config_from_args,
     device_and_dtype,
+    model_config_json,
+    non_negative,
+    positive,
     progress,
     tokenize_streams,
 )
@@ -25,7 +32,12 @@ from nas_minitron.distill.result import save_distilled
 from nas_minitron.distill.trainer import NonFiniteLossError, distill
 from nas_minitron.errors import UserError
 from nas_minitron.integrity import verify_checksums
-from nas_minitron.teacher import load_teacher, tokenizer_fingerprint, weights_fingerprint
+from nas_minitron.teacher import (
+    load_teacher,
+    load_teacher_config,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -54,13 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="student HF directory, e.g. from `nas-minitron prune` (its pruning.json maps layers)")
     parser.add_argument("--logit-cache", type=Path, default=None,
                         help="teacher top-k logit cache: used if it exists, else built here over train+validation")
-    parser.add_argument("--topk", type=int, default=None,
+    parser.add_argument("--topk", type=at_least(0), default=None,
                         help="sparse KD on the teacher's top-k (default: 0 = full logits; 64 with --logit-cache)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default: 1)")
-    parser.add_argument("--lm-weight", type=float, default=0.0, help="weight of the student's LM loss (default: 0)")
+    parser.add_argument("--temperature", type=positive, default=1.0, help="KD temperature (default: 1)")
+    parser.add_argument("--lm-weight", type=non_negative, default=0.0,
+                        help="weight of the student's LM loss (default: 0)")
     parser.add_argument("--is-loss", choices=("none", "cosine", "mse"), default="none",
                         help="intermediate-state loss between mapped layers (default: none)")
-    parser.add_argument("--is-alpha", type=float, default=None,
+    parser.add_argument("--is-alpha", type=non_negative, default=None,
                         help="fixed weight of the intermediate-state loss (default: automatic L_logits / L_is)")
     add_training_args(parser, lr=1e-4)
     parser.add_argument("--verify", action="store_true",
@@ -132,16 +145,25 @@ def _teacher_and_cache(
     return None, cache
 
 
+def _check_positions(args: argparse.Namespace) -> None:
+    """--seq-len within the student's (and the teacher's, when one is named) max_position_embeddings."""
+    check_seq_len(args.seq_len, model_config_json(args.student), "student")
+    if args.teacher:
+        check_seq_len(args.seq_len, load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code),
+                      "teacher")
+
+
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.out, args.overwrite)
+    check_outputs(args)
     device, dtype = device_and_dtype(args)
     topk = args.topk if args.topk is not None else (64 if args.logit_cache else 0)
     config = config_from_args(args, dtype, topk=topk, temperature=args.temperature, lm_weight=args.lm_weight,
                               is_loss=args.is_loss, is_alpha=args.is_alpha)
+    _check_positions(args)
     student, tokenizer = _load_student(args.student, device, args.trust_remote_code, args.verify)
     train, val = tokenize_streams(args, tokenizer)
     teacher, cache = _teacher_and_cache(args, student, tokenizer, train, val, device, topk)
-    ckpt = args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt")
+    ckpt = checkpoint_dir(args)
     on_step, close = progress(config.num_tokens, "distill")
     try:
         result = distill(student, train, val, config, teacher=teacher, logit_cache=cache, checkpoint_dir=ckpt,

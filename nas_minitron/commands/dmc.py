@@ -12,15 +12,27 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.artifacts import load_pretrained
-from nas_minitron.atomic import atomic_directory, check_output_dir
-from nas_minitron.commands.args import add_teacher_args, add_training_args, device_and_dtype, tokenize_streams
+from nas_minitron.atomic import atomic_directory
+from nas_minitron.commands.args import (
+    add_teacher_args,
+    add_training_args,
+    at_least,
+    check_outputs,
+    check_seq_len,
+    checkpoint_dir,
+    device_and_dtype,
+    fraction,
+    model_config_json,
+    non_negative,
+    tokenize_streams,
+)
 from nas_minitron.commands.distill import check_same_tokenizer
 from nas_minitron.dmc.export import record_for, save_dmc_model
 from nas_minitron.dmc.schedule import LOSSES, RetrofitConfig
 from nas_minitron.dmc.settings import DMC_FILE, DMCSettings, check_target_cr
 from nas_minitron.dmc.train import RetrofitResult, RetrofitStep, retrofit
 from nas_minitron.errors import UserError
-from nas_minitron.teacher import load_teacher
+from nas_minitron.teacher import load_teacher, load_teacher_config
 
 if TYPE_CHECKING:
     import tqdm
@@ -51,11 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_teacher_args(parser, required=False, help="KD teacher (default: --model itself, uncompressed): HF "
                                                   "directory, .gguf, hub id or 'smollm2-135m'")
     parser.add_argument("--loss", choices=LOSSES, default="kd", help="kd (default) or lm")
-    parser.add_argument("--fade-fraction", type=float, default=0.1, help="share of steps in stage 1 (default 0.1)")
-    parser.add_argument("--finetune-fraction", type=float, default=0.2,
+    parser.add_argument("--fade-fraction", type=fraction, default=0.1, help="share of steps in stage 1 (default 0.1)")
+    parser.add_argument("--finetune-fraction", type=fraction, default=0.2,
                         help="share of steps in stage 3, at the final ratio (default 0.2)")
-    parser.add_argument("--penalty-weight", type=float, default=1.0, help="weight of the CR penalty (default 1)")
-    parser.add_argument("--window", type=int, default=12, help="tokens a merged entry averages at most (default 12)")
+    parser.add_argument("--penalty-weight", type=non_negative, default=1.0, help="weight of the CR penalty (default 1)")
+    parser.add_argument("--window", type=at_least(1), default=12,
+                        help="tokens a merged entry averages at most (default 12)")
     add_training_args(parser, lr=1e-4)
     parser.set_defaults(func=run)
 
@@ -103,7 +116,7 @@ def _progress(total_tokens: int) -> tuple[Any, Callable[[RetrofitStep], None]]:
 
 def run(args: argparse.Namespace) -> int:
     check_target_cr(args.target_cr)
-    check_output_dir(args.out, args.overwrite)
+    check_outputs(args)
     device, dtype = device_and_dtype(args)
     config = _config(args, dtype)  # validates every setting before anything is loaded or written
     if not (args.model / "config.json").is_file():
@@ -111,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
     if (args.model / DMC_FILE).is_file():
         raise UserError(f"--model {str(args.model)!r} is already a DMC model ({DMC_FILE}); retrofit its uncompressed "
                         f"original instead.")
+    check_seq_len(args.seq_len, model_config_json(args.model), "model")
+    if args.teacher is not None and args.loss == "kd":
+        check_seq_len(args.seq_len, load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code),
+                      "teacher")
     model, tokenizer = load_pretrained(str(args.model), "model", trust_remote_code=args.trust_remote_code,
                                        hint="pass an HF model directory")
     attention.check_supported(model)
@@ -120,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     train, val = tokenize_streams(args, tokenizer)
-    ckpt = args.checkpoint_dir or args.out.with_name(args.out.name + ".ckpt")
+    ckpt = checkpoint_dir(args)
     bar, on_step = _progress(config.total_steps * config.tokens_per_step)
     try:
         result = retrofit(model, train, val, config, teacher=teacher, checkpoint_dir=ckpt, resume=args.resume,

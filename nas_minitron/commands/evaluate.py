@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
+from nas_minitron.atomic import check_output_dir, check_writable_dir
+from nas_minitron.commands.args import at_least, check_seq_len
 from nas_minitron.evaluate.harness import (
     DEFAULT_TASKS,
     MINITRON_PRESET,
@@ -34,10 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="model directory (save_pretrained) or 'smollm2-135m'")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"'minitron' or TASK,... (default {DEFAULT_TASKS})")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot count for every task")
-    parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    parser.add_argument("--num-fewshot", type=at_least(0), default=None, help="few-shot count for every task")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="examples per task (default: all)")
     parser.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
-    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="lm-eval batch size (default 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     parser.add_argument("--label", default=None, help="name in the results table (default: the directory name)")
     parser.add_argument("--out", default=None, help="run directory to save eval/results.json, table.csv into")
@@ -45,16 +48,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="check the sha256 of every file a --model directory written by this project lists in "
                              "its checksums.json (a full read); without it only their sizes")
     parser.add_argument("--speed", action="store_true", help="also measure prefill/decode speed and memory")
-    parser.add_argument("--speed-batch-size", type=int, default=1, help="batch for --speed (default 1)")
-    parser.add_argument("--speed-seq-len", type=int, default=128, help="prompt length for --speed (default 128)")
-    parser.add_argument("--speed-decode-tokens", type=int, default=32, help="tokens decoded for --speed (default 32)")
+    parser.add_argument("--speed-batch-size", type=at_least(1), default=1, help="batch for --speed (default 1)")
+    parser.add_argument("--speed-seq-len", type=at_least(1), default=128,
+                        help="prompt length for --speed (default 128)")
+    parser.add_argument("--speed-decode-tokens", type=at_least(1), default=32,
+                        help="tokens decoded for --speed (default 32)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:  # results go to OUT/eval/, merged with what is there
+        check_writable_dir(args.out, "--out")
+        check_output_dir(Path(args.out) / "eval", overwrite=True, flag="--out")
     device = resolve_device(args.device)
     find_tasks(list(resolve_tasks(args.tasks, args.num_fewshot)), args.include_path)  # before loading the model
     model, tokenizer, label = load_model(args.model, device=device, verify=args.verify)
+    if args.speed:  # the prompt and the decoded tokens: positions the model was trained for
+        check_seq_len(args.speed_seq_len + args.speed_decode_tokens, model.config.to_dict(), "model",
+                      f"--speed-seq-len {args.speed_seq_len} + --speed-decode-tokens {args.speed_decode_tokens} =")
     result = evaluate_model(
         model,
         tokenizer,

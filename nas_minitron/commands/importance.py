@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas_minitron.atomic import atomic_directory
-from nas_minitron.commands.args import add_teacher_args
+from nas_minitron.atomic import atomic_directory, check_output_dir
+from nas_minitron.commands.args import add_teacher_args, at_least, check_seq_len
 from nas_minitron.data import data_fingerprint, take_sequences
 from nas_minitron.errors import UserError
 from nas_minitron.families import describe_model
@@ -27,9 +27,12 @@ def _window_sizes(text: str) -> list[int]:
     if text.strip().lower() in ("", "none"):
         return []
     try:
-        return sorted({int(part) for part in text.split(",")})
+        sizes = sorted({int(part) for part in text.split(",")})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, but got {text!r}") from None
+    if sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"window sizes must be integers >= 1 (or none), but got {text!r}")
+    return sizes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,10 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="'builtin', a .txt/.jsonl/.json/.parquet file or folder, or "
                              "hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] (default: builtin)")
     parser.add_argument("--text-column", default="text", help="text field of json/parquet rows (default: text)")
-    parser.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (default: 1024)")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="document order seed (default: 0)")
+    parser.add_argument("--num-samples", type=at_least(1), default=1024, help="calibration sequences (default: 1024)")
+    parser.add_argument("--seq-len", type=at_least(2), default=4096, help="tokens per sequence (default: 4096)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per forward pass (default: 8)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="document order seed (default: 0)")
     parser.add_argument("--batch-agg", default="l2", help="across sequences: l2 or mean (default: l2)")
     parser.add_argument("--seq-agg", default="mean", help="over a sequence's tokens: mean or l2 (default: mean)")
     parser.add_argument("--head-metric", default="contribution",
@@ -63,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--window-sizes", type=_window_sizes, default=[1, 2, 4, 8],
                         help="k values: LM loss with each window of k contiguous layers removed (default: 1,2,4,8;"
                              " sizes >= the layer count are dropped)")
-    parser.add_argument("--loss-samples", type=int, default=None,
+    parser.add_argument("--loss-samples", type=at_least(1), default=None,
                         help="sequences used for the layer-removal losses, at most --num-samples (default: 64, or "
                              "--num-samples when fewer)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -80,19 +83,11 @@ def _check_args(args: argparse.Namespace, config: dict[str, Any]) -> None:
     check_aggregations(args.batch_agg, args.seq_agg)
     if args.loss_samples is None:
         args.loss_samples = min(DEFAULT_LOSS_SAMPLES, max(1, args.num_samples))
-    for flag, value in (("--num-samples", args.num_samples), ("--seq-len", args.seq_len),
-                        ("--batch-size", args.batch_size), ("--loss-samples", args.loss_samples)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, but got {value}.")
-    if args.seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2 (one next-token prediction), but got {args.seq_len}.")
     if args.layer_metrics and args.layer_loss and args.loss_samples > args.num_samples:  # given explicitly
         raise UserError(f"--loss-samples {args.loss_samples} is above --num-samples {args.num_samples}: the "
                         f"layer-removal losses use a subset of the calibration sequences; use at most "
                         f"{args.num_samples}.")
-    max_positions = config.get("max_position_embeddings")
-    if max_positions and args.seq_len > max_positions:
-        raise UserError(f"--seq-len {args.seq_len} is above the teacher's max_position_embeddings={max_positions}.")
+    check_seq_len(args.seq_len, config, "teacher")
 
 
 def _expected_meta(
@@ -118,10 +113,9 @@ def _expected_meta(
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, overwrite=True)  # an existing --out may be reused or replaced below
     config = load_teacher_config(args.teacher, args.cache_dir, args.trust_remote_code)
     _check_args(args, config)
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"output path {str(args.out)!r} exists and is not a directory.")
     device = resolve_device(args.device)
     model, tokenizer = load_teacher(args.teacher, args.cache_dir, device=device,
                                     trust_remote_code=args.trust_remote_code)

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
-from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory, check_output_dir
-from nas_minitron.commands.args import add_teacher_args
+from nas_minitron.commands.args import add_teacher_args, at_least
 from nas_minitron.errors import UserError
 from nas_minitron.families import describe
 from nas_minitron.prune.baselines import magnitude_scores, random_scores
@@ -24,15 +23,20 @@ from nas_minitron.prune.plan import PruningPlan, save_student, target_arch
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.prune.sliced import is_safetensors_dir
 from nas_minitron.prune.student import build_student
-from nas_minitron.teacher import load_teacher, load_teacher_config, resolve_teacher_dir
+from nas_minitron.teacher import (
+    load_teacher,
+    load_teacher_config,
+    load_teacher_tokenizer,
+    resolve_teacher_dir,
+    weights_fingerprint,
+    weights_fingerprint_of_dir,
+)
 
 if TYPE_CHECKING:
     import torch
-    import transformers
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 else:
     torch = lazy_import("torch")
-    transformers = lazy_import("transformers")
 
 __all__ = ["register"]
 
@@ -58,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="baseline keep sets when no importance scores are given (default: magnitude)",
     )
     how.add_argument("--plan", type=Path, help="re-derive the student recorded in this pruning.json")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --criterion random (default: 0)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of --criterion random (default: 0)")
     parser.add_argument(
         "--depth-method", choices=DEPTH_METHODS, default="auto", help="how layers are chosen (default: auto)"
     )
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     where = resolve_teacher_dir(teacher_spec, args.cache_dir)
     teacher: PreTrainedModel | str
     if is_safetensors_dir(where):
-        teacher, tokenizer = where, _tokenizer(where, args.trust_remote_code)  # cut from the files (prune.sliced)
+        teacher, tokenizer = where, load_teacher_tokenizer(where, args.trust_remote_code)  # cut from the files
     else:  # a hub id: transformers resolves and loads it
         teacher, tokenizer = load_teacher(teacher_spec, args.cache_dir, trust_remote_code=args.trust_remote_code)
     student, plan = build_student(
@@ -113,7 +117,9 @@ def _scores(
     args: argparse.Namespace, teacher_spec: str, config: dict[str, Any], teacher: PreTrainedModel | str
 ) -> ImportanceScores:
     if args.importance:
-        return ImportanceScores.load(args.importance)
+        scores = ImportanceScores.load(args.importance)
+        _check_scores_teacher(scores, args, teacher_spec, config, teacher)
+        return scores
     if args.criterion == "random":
         return random_scores(describe(config)[1], args.seed)
     if isinstance(teacher, str):  # magnitude reads every weight: load the teacher here, freed before the cut
@@ -121,9 +127,22 @@ def _scores(
     return magnitude_scores(teacher)
 
 
-def _tokenizer(where: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    with reading(where, "teacher tokenizer", extra=(ValueError,)):
-        tokenizer: PreTrainedTokenizerBase = transformers.AutoTokenizer.from_pretrained(
-            where, trust_remote_code=trust_remote_code
-        )
-    return tokenizer
+def _check_scores_teacher(scores: ImportanceScores, args: argparse.Namespace, teacher_spec: str,
+                          config: dict[str, Any], teacher: PreTrainedModel | str) -> None:
+    """UserError when --importance was computed for another teacher: its recorded teacher_arch or
+    weights_fingerprint differs from --teacher's (records without them are not checked)."""
+    given = {"teacher_arch": describe(config)[1].name}
+    if scores.meta.get("weights_fingerprint") is not None:
+        fingerprint = weights_fingerprint_of_dir(teacher, args.trust_remote_code) if isinstance(teacher, str) else None
+        if fingerprint is None:  # a hub model, or files named otherwise than the model's tensors
+            loaded = teacher if not isinstance(teacher, str) else load_teacher(
+                teacher_spec, args.cache_dir, trust_remote_code=args.trust_remote_code)[0]
+            fingerprint = weights_fingerprint(loaded)
+        given["weights_fingerprint"] = fingerprint
+    differ = [f"{key} {scores.meta[key]!r} in the scores, {value!r} for --teacher"
+              for key, value in given.items() if scores.meta.get(key) not in (None, value)]
+    if differ:
+        raise UserError(f"--importance {str(args.importance)!r} was computed for another teacher than --teacher "
+                        f"{teacher_spec!r} ({'; '.join(differ)}); run `nas-minitron importance` on this teacher.")
+
+

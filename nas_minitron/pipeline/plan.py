@@ -55,7 +55,7 @@ from typing import Any
 from nas_minitron.arch import ArchConfig
 from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig
 from nas_minitron.pipeline.run_dir import STAGES
-from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers
+from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers, train_sequences
 
 __all__ = ["DEFAULT_GPU_MEMORY_GIB", "PLAN_FILE", "Plan", "StagePlan", "StudentShape", "describe_plan", "make_plan"]
 
@@ -244,7 +244,7 @@ def _importance(c: _Ctx) -> StagePlan:
 
 
 def _num_sequences(tokens: int, s: SearchSettings) -> int:
-    return max(s.batch_size, math.ceil(tokens / s.seq_len))  # = stages._num_train_sequences
+    return train_sequences(s, tokens)
 
 
 def _logit_cache(c: _Ctx) -> StagePlan:

@@ -5,6 +5,7 @@ cannot work (pre-flight), and holds the run directory's lock while it runs."""
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -14,15 +15,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from nas_minitron.arch import Budget, count_params
-from nas_minitron.atomic import write_json_atomic
+from nas_minitron.atomic import check_writable_dir, nearest_existing, write_json_atomic
+from nas_minitron.data import iter_sequences
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import find_tasks, resolve_tasks
 from nas_minitron.families import describe
 from nas_minitron.pipeline import halving_stage, stages
 from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
-from nas_minitron.pipeline.settings import SearchSettings, differences
-from nas_minitron.teacher import load_teacher_config
+from nas_minitron.pipeline.settings import SearchSettings, differences, train_sequences
+from nas_minitron.teacher import load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir
 
 __all__ = ["plan_search", "run_search"]
 
@@ -40,15 +42,6 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
 assert tuple(STAGE_FUNCTIONS) == STAGES, "every stage has one function, in run order"
 
 
-def _nearest_existing(path: Path) -> Path | None:
-    """`path` or its nearest existing ancestor: where creating `path` would start."""
-    return next((p for p in (path, *path.parents) if p.exists()), None)
-
-
-def _writable_dir(path: Path | None) -> bool:
-    return path is not None and path.is_dir() and os.access(path, os.W_OK | os.X_OK)
-
-
 def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> bool:
     """Whether the run directory is to be (re)created; UserError when it cannot be used as asked.
 
@@ -56,12 +49,7 @@ def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> boo
     the corrected command, with or without --resume; one with finished stages only by --resume with the same
     settings (runtime keys, and eval settings before the eval stage, may change).
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {str(run_dir)!r} is a file, not a directory; choose another --run-dir.")
-    ancestor = _nearest_existing(run_dir.resolve().parent)
-    if not _writable_dir(ancestor):
-        raise UserError(f"--run-dir {str(run_dir)!r} cannot be created: {str(ancestor)!r} is not a writable "
-                        f"directory; choose another --run-dir.")
+    check_writable_dir(run_dir, "--run-dir")
     config_file = run_dir / "config.json"
     finished = finished_stages(run_dir)
     if not finished:
@@ -99,15 +87,8 @@ def _check_scratch_dir(scratch_dir: str | None) -> None:
     """UserError unless the trials' scratch directory (on this node) is, or can be made, a writable directory.
 
     Trials on other nodes check their own when they start (a refusal there stops the search with one line)."""
-    if scratch_dir is None:
-        return
-    path = Path(scratch_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--scratch-dir {scratch_dir!r} is a file, not a directory; choose another --scratch-dir.")
-    ancestor = _nearest_existing(path.resolve())
-    if not _writable_dir(ancestor):
-        raise UserError(f"--scratch-dir {scratch_dir!r} is not writable: {str(ancestor)!r} is not a writable "
-                        f"directory; choose another --scratch-dir.")
+    if scratch_dir is not None:
+        check_writable_dir(scratch_dir, "--scratch-dir")
 
 
 def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, new: bool,
@@ -127,6 +108,29 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
                                 f"budget window, or none for all.")
     if "eval" in to_run and "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours
         find_tasks(list(resolve_tasks(settings.eval_tasks)))
+    _check_data(settings, run_dir, to_run)
+
+
+def _check_data(settings: SearchSettings, run_dir: Path, to_run: tuple[str, ...]) -> None:
+    """UserError unless --data is readable and long enough for the stages still to run: the calibration split for
+    importance, the train split for the trials' and the winners' token streams and the validation split (the
+    logit_cache stage cuts them). Tokenizes only up to the sequences they need."""
+    done = set(finished_stages(run_dir))
+    s = settings
+    train = train_sequences(s, s.short_tokens) + train_sequences(s, s.full_tokens)
+    needs = [(split, count, why) for stage, split, count, why in (
+        ("importance", "calibration", s.calibration_samples, "--calibration-samples"),
+        ("logit_cache", "train", train, "--short-tokens + --full-tokens"),
+        ("logit_cache", "validation", s.validation_sequences, "--validation-sequences"),
+    ) if stage in to_run and stage not in done]
+    if not needs:
+        return
+    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir))
+    for split, count, why in needs:
+        found = sum(1 for _ in itertools.islice(iter_sequences(s.data, tokenizer, split, s.seq_len, s.seed), count))
+        if found < count:
+            raise UserError(f"--data {s.data!r}: its {split} split holds {found} sequences of {s.seq_len} tokens, but "
+                            f"this search needs {count} ({why}); use more data, a shorter --seq-len, or lower {why}.")
 
 
 def _lock(run_dir: Path) -> IO[str]:
@@ -152,8 +156,7 @@ def _plan(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, to_
     _, _, found = stages.find_candidates(settings, resolved["budget_params"])
     students = [StudentShape(c.params, c.arch.num_hidden_layers, c.arch.hidden_size) for c in found]
     done = set(finished_stages(run_dir))
-    ancestor = next(p for p in (run_dir.resolve(), *run_dir.resolve().parents) if p.exists())
-    free_disk = shutil.disk_usage(ancestor).free
+    free_disk = shutil.disk_usage(nearest_existing(run_dir.resolve()) or "/").free
     total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return make_plan(settings, resolved, students, settings.gpu_memory_gib, free_disk_bytes=free_disk,
                      total_ram_bytes=total_ram, to_run=tuple(s for s in to_run if s not in done))

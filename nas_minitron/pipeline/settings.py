@@ -25,7 +25,7 @@ from nas_minitron.search.protocol import SAMPLERS
 from nas_minitron.search.winners import OBJECTIVES
 
 __all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "differences", "full_distill_workers",
-           "optional_setting", "resolve_settings"]
+           "optional_setting", "resolve_settings", "train_sequences"]
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,11 @@ def _strategy_problems(s: SearchSettings) -> list[str]:
         except UserError as err:
             problems.append(str(err).rstrip("."))
     return problems
+
+
+def train_sequences(s: SearchSettings, num_tokens: int) -> int:
+    """Train sequences of a distillation stream of `num_tokens` tokens (at least one batch)."""
+    return max(s.batch_size, math.ceil(num_tokens / s.seq_len))
 
 
 def full_distill_workers(s: SearchSettings) -> tuple[int, bool]:

@@ -31,7 +31,7 @@ from nas_minitron.evaluate.harness import evaluate_model, save_eval
 from nas_minitron.evaluate.speed import measure_speed
 from nas_minitron.integrity import CHECKSUMS, verify_checksums, write_checksums
 from nas_minitron.pipeline.run_dir import CURVE_COLUMNS, TRIAL_COLUMNS, WINNER_COLUMNS, Run, read_csv, write_csv
-from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers
+from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers, train_sequences
 from nas_minitron.prune.importance import compute_importance
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan, save_student
 from nas_minitron.prune.scores import ImportanceScores
@@ -158,22 +158,17 @@ def importance(run: Run) -> dict[str, Any]:
 
 
 # ---- teacher-logit cache ------------------------------------------------------------------------------------------
-def _num_train_sequences(run: Run, num_tokens: int) -> int:
-    s = run.settings
-    return max(s.batch_size, math.ceil(num_tokens / s.seq_len))
-
-
 def logit_cache(run: Run) -> dict[str, Any]:
     """The token streams (data/) and, with --topk, the teacher's top-k logits for the short stream + validation."""
     s = run.settings
     teacher, tokenizer = run.teacher()
     # The trials' stream first, then the winners' own: a winner continues from its trial's weights, so its full
     # distillation must not see the trial's sequences again.
-    num_short = _num_train_sequences(run, s.short_tokens)
-    num_train = num_short + _num_train_sequences(run, s.full_tokens)
+    num_short = train_sequences(s, s.short_tokens)
+    num_train = num_short + train_sequences(s, s.full_tokens)
     train = take_sequences(s.data, tokenizer, "train", s.seq_len, num_train, s.seed)  # [N, T]
     val = take_sequences(s.data, tokenizer, "validation", s.seq_len, s.validation_sequences, s.seed)  # [V, T]
-    short = train[: _num_train_sequences(run, s.short_tokens)]  # the trials' stream: what the logit cache covers
+    short = train[: train_sequences(s, s.short_tokens)]  # the trials' stream: what the logit cache covers
     with atomic_directory(run.path("data"), overwrite=True) as tmp:
         save_sequences(tmp / "train.safetensors", train)
         save_sequences(tmp / "train_short.safetensors", short)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron import __version__
 from nas_minitron._lazy import lazy_import
-from nas_minitron.atomic import atomic_directory
+from nas_minitron.atomic import atomic_directory, check_output_dir, check_output_file
 from nas_minitron.distill.result import RECORD_FILE
 from nas_minitron.errors import UserError, first_line
 from nas_minitron.evaluate.harness import eval_table, read_eval, wide_table
@@ -400,16 +400,17 @@ def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
             f"{str(run_dir)!r} is not a run directory: expected config.json or stages/ "
             f"(written by nas-minitron search)."
         )
+    target = default_report_path(run) if out is None else Path(out)
+    if out is None:  # reports/<run name>/ is replaced as a whole
+        check_output_dir(target.parent, overwrite=True)
+    else:
+        check_output_file(target, "--out", "a file name like report.html")
     sections, missing = _build_sections(run)
     run_name = run.resolve().name
     if out is None:
-        target = default_report_path(run)
         with atomic_directory(target.parent, overwrite=True) as tmp:
             _write_outputs(tmp, sections, run_name, missing, target.name)
         return target
-    target = Path(out)
-    if target.is_dir():
-        raise UserError(f"--out {str(out)!r} is a directory; expected a file name like report.html.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

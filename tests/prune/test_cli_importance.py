@@ -58,7 +58,7 @@ def test_importance_cli_saves_reuses_refuses_and_feeds_prune(tiny_teacher_dir: P
 def test_importance_cli_bad_input_exits_2(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     cases = {
         ("--batch-agg", "max"): "--batch-agg must be one of l2, mean, but got 'max'",
-        ("--seq-len", "1000"): "above the teacher's max_position_embeddings=256",
+        ("--seq-len", "1000"): "--seq-len 1000 exceeds the teacher's max_position_embeddings (256)",
         ("--num-samples", "100000"): "too little data",
     }
     for extra, message in cases.items():
