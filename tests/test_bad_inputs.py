@@ -540,8 +540,10 @@ def test_cli_refuses_an_unwritable_output_before_work(command: str, where: str, 
     if where == "read-only-parent":
         blocker.mkdir()
         blocker.chmod(0o555)
-        if os.access(blocker, os.W_OK):  # root writes anyway: nothing to refuse
-            pytest.skip("this user can write a read-only directory")
+        if os.access(blocker, os.W_OK):  # root ignores the mode; the immutable attribute binds root too
+            immutable = subprocess.run(["chattr", "+i", str(blocker)], capture_output=True).returncode == 0
+            if not immutable or os.access(blocker, os.W_OK):
+                pytest.skip("this user can write a read-only directory (and chattr +i is not available)")
         out, named = blocker / "out", blocker
     elif where == "parent-is-a-file":
         blocker.write_text("a file")
@@ -557,6 +559,7 @@ def test_cli_refuses_an_unwritable_output_before_work(command: str, where: str, 
         line = one_error_line(cli(*_writer_args(command, tiny_teacher_dir, tmp_path), flag, str(out)))
     finally:
         if blocker.is_dir():
+            subprocess.run(["chattr", "-i", str(blocker)], capture_output=True)
             blocker.chmod(0o755)
     assert flag in line and repr(str(named)) in line, line
     assert not list(tmp_path.rglob(".*tmp-*")) and not list(tmp_path.glob("*.ckpt"))
@@ -595,6 +598,9 @@ def _scores_of_another_teacher(tmp: Path, key: str) -> Path:
     meta = json.loads((directory / "scores.json").read_text())
     meta[key] = "0123456789abcdef" if key == "weights_fingerprint" else "L4-H64-I128-A4-KV2"
     (directory / "scores.json").write_text(json.dumps(meta))
+    from nas_minitron.integrity import write_checksums
+
+    write_checksums(directory)  # as if written so: consistent with their checksums, for another teacher
     return directory
 
 
