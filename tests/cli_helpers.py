@@ -1,11 +1,19 @@
-"""Running the real CLI in a subprocess, as a user would, and reading what it printed (shared by the CLI tests)."""
+"""Running the real CLI in a subprocess, as a user would, and reading what it printed (shared by the CLI tests).
+
+`run_in_process` runs the same entry point (`nas_minitron.cli.main`) inside the test process, for the many refusals
+of the bad-input tables: one interpreter start-up (torch + transformers imports, ~3 s here) less per case. Each
+command keeps cases through the real subprocess too.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 # A search on a tiny teacher that finishes in about a minute (3 trials, 2 at once).
@@ -29,6 +37,41 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = CLI_TI
     """`python -m nas_minitron ARGS`, output captured; `env` is added to this process's environment."""
     return subprocess.run([sys.executable, "-m", "nas_minitron", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def run_in_process(*args: str, env: dict[str, str] | None = None,
+                   cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`nas_minitron.cli.main(ARGS)` in this process, with what it prints and its exit code as `run_cli` returns
+    them; an exception that escapes main is printed as its traceback (as the interpreter would) with exit 1. The
+    environment and working directory are restored afterwards."""
+    from nas_minitron.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    # transformers reads the progress-bar switch when first imported: an earlier case may have imported it
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if bars and os.environ.get("TQDM_DISABLE"):
+        hf_logging.disable_progress_bar()  # type: ignore[union-attr]
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as stop:  # argparse's refusals
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except Exception:  # noqa: BLE001 - shown as the interpreter would show it
+                traceback.print_exc()
+                code = 1
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[union-attr]
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def search(teacher: Path, run_dir: Path, *extra: str, env: dict[str, str] | None = None,

@@ -21,7 +21,7 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from cli_helpers import one_error_line, run_cli, search
+from cli_helpers import one_error_line, run_cli, run_in_process, search
 from nas_minitron.artifacts import (
     artifact_error,
     load_pretrained,
@@ -216,8 +216,12 @@ INTEGRITY_CASES: dict[str, Case] = {
 CASES.update(INTEGRITY_CASES)
 
 
+_QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, env={"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"})
+    """The command in this process (`run_in_process`), except `search`, which may start Ray: a subprocess."""
+    return run_cli(*args, env=_QUIET) if args[0] == "search" else run_in_process(*args, env=_QUIET)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -262,11 +266,11 @@ def _cache_of(teacher: Path, tmp: Path) -> Path:
     return tmp / "cache"
 
 
-def _small_text(tmp: Path) -> Path:
+def _small_text(tmp: Path, docs: int = 40, chars: int = 600) -> Path:
     from pydoc_data.topics import topics
 
     # 40 short documents of real text (a few dozen KB): some land in the validation split, as split_of decides
-    lines = [json.dumps({"text": topics[k][:600]}) for k in sorted(topics)[:40]]
+    lines = [json.dumps({"text": topics[k][:chars]}) for k in sorted(topics)[:docs]]
     return _data_file(tmp, "small.jsonl", ("\n".join(lines) + "\n").encode())
 
 
@@ -298,7 +302,7 @@ def test_cli_refuses_inconsistent_inputs_in_one_line(name: str, tiny_teacher_dir
 
 def test_distill_allow_repeat_lifts_the_pass_limit(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    data = _small_text(tmp_path)
+    data = _small_text(tmp_path, docs=30, chars=120)  # a few dozen sequences: five passes are ~100 short steps
     args = ["distill", "--teacher", str(tiny_teacher_dir), "--student", str(tiny_teacher_dir), "--data", str(data),
             "--seq-len", "16", "--batch-size", "1", "--val-sequences", "1", "--device", "cpu", "--out", str(out)]
     probe = cli(*args, "--tokens", "1000000")
@@ -556,7 +560,9 @@ def test_cli_refuses_an_unwritable_output_before_work(command: str, where: str, 
         named = out if where == "out-is-a-file" else named
     flag = _OUT_FLAG.get(command, "--out")
     try:
-        line = one_error_line(cli(*_writer_args(command, tiny_teacher_dir, tmp_path), flag, str(out)))
+        args = (*_writer_args(command, tiny_teacher_dir, tmp_path), flag, str(out))
+        # one case per command through the real executable, the others in process
+        line = one_error_line(run_cli(*args, env=_QUIET) if where == "parent-is-a-file" else cli(*args))
     finally:
         if blocker.is_dir():
             subprocess.run(["chattr", "-i", str(blocker)], capture_output=True)

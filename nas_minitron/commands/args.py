@@ -7,6 +7,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -227,7 +228,8 @@ def tokenize_streams(
 
 def progress(total_tokens: int, desc: str) -> tuple[Callable[[StepInfo], None], Callable[[], None]]:
     """A tqdm bar on stderr (tokens/s, loss, ETA): (per-step callback, close)."""
-    bar = tqdm.tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm.tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
+                    disable=os.environ.get("TQDM_DISABLE", "") not in ("", "0"))  # read now, not at tqdm's import
 
     def on_step(info: StepInfo) -> None:
         bar.update(info.num_tokens - bar.n)  # after a resume the first update jumps to the checkpoint's tokens

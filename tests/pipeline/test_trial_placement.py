@@ -92,4 +92,8 @@ def test_a_trial_on_a_gpu_it_cannot_see_stops_the_search_in_one_line(
     assert "trial refused" in (run_dir / trials[0]["log"]).read_text()
     assert f"log: {run_dir.resolve() / trials[0]['log']}" in result.stdout  # named in the console as it started
     assert not (run_dir / "stages" / "trials.json").exists()
-    assert not (run_dir / "ray" / "trials").exists()  # a --resume after the fix starts the trials anew
+    # a --resume after the fix asks the refused candidate again (its Optuna trial is marked `fatal`), counting none
+    from nas_minitron.search.tune import reopen_unfinished, study_storage_url
+
+    finished, again = reopen_unfinished(study_storage_url(run_dir, None), pruned_is_final=False) or (-1, -1)
+    assert finished == 0 and again >= 1, (finished, again)
