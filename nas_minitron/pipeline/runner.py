@@ -221,6 +221,8 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
     log(f"plan ({PLAN_FILE}): {totals['tokens']:,} tokens, peak CPU RAM {totals['cpu_ram_bytes'] / 2**30:.1f} GiB, "
         f"GPU {totals['gpu_bytes_per_device'] / 2**30:.1f} GiB/device, disk {totals['disk_bytes'] / 2**30:.2f} GiB, "
         f"~{totals['seconds'] / 60:.0f} min (estimates; --dry-run for the table)")
+    for warning in plan.warnings:
+        log(f"warning: {warning}")
     if not stage_marker(run_dir, "trials").is_file():
         stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
     try:
