@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch as st
@@ -656,3 +657,46 @@ def test_search_refuses_too_little_data_before_the_run_directory(tiny_teacher_di
 def test_the_file_fingerprint_is_the_loaded_teachers(tiny_teacher_dirs: dict[str, Path]) -> None:
     for directory in tiny_teacher_dirs.values():  # tied (qwen) and untied embeddings
         assert weights_fingerprint_of_dir(str(directory)) == weights_fingerprint(load_teacher(str(directory))[0])
+
+
+# ==== search --importance DIR / --calib-seq-len (issue #13 item 3), checked before the run directory ================
+# (a block of its own: the rows above grow in other branches). Each row runs the real search and is refused before
+# the run directory, Ray or a teacher pass: exit 2, one line naming each differing field, expected vs found.
+def _reused(tmp: Path, teacher: Path, **kwargs: Any) -> list[str]:
+    from importance_helpers import REUSE_SETTINGS, reuse_args, scores_for
+    from nas_minitron.pipeline.settings import resolve_settings
+
+    settings = resolve_settings(None, {"teacher": str(teacher), **REUSE_SETTINGS})
+    return reuse_args(scores_for(teacher, tmp / "importance", settings, **kwargs))
+
+
+SEARCH_BEFORE_WORK: dict[str, tuple[Callable[[Path, Path], list[str]], tuple[str, ...]]] = {
+    "importance-of-other-weights": (
+        lambda tmp, t: _reused(tmp, t, weights_fingerprint="0123456789abcdef"),
+        ("does not fit this search", "weights_fingerprint expected", "found '0123456789abcdef'")),
+    "importance-of-other-arch": (
+        lambda tmp, t: _reused(tmp, t, teacher_arch="L4-H64-I128-A4-KV2"),
+        ("teacher_arch expected 'L3-H64-I96-A4-KV2', found 'L4-H64-I128-A4-KV2'",)),
+    "importance-of-other-data": (
+        lambda tmp, t: [*_reused(tmp, t), "--seed", "3"],
+        ("data_fingerprint expected", "seed expected 3 (--seed), found 0")),
+    "importance-without-the-windows": (
+        lambda tmp, t: _reused(tmp, t, windows=(1,)),
+        ("window_sizes expected [1, 2]", "missing [2]", "--window-sizes 1,2")),
+    "importance-not-a-directory-of-scores": (
+        lambda tmp, t: ["--importance", str(tmp / "nothing")],
+        ("is not an importance directory",)),
+    "calib-seq-len-above-positions": (
+        lambda tmp, t: ["--calib-seq-len", "257"],
+        ("--calib-seq-len 257 exceeds the teacher's max_position_embeddings (256)", "valid: 2..256")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEARCH_BEFORE_WORK))
+def test_search_refuses_unfit_importance_before_the_run_directory(name: str, tiny_teacher_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    build, needles = SEARCH_BEFORE_WORK[name]
+    run_dir = tmp_path / "run"
+    line = one_error_line(search(tiny_teacher_dir, run_dir, *build(tmp_path, tiny_teacher_dir), cwd=tmp_path))
+    assert all(n in line for n in needles), line
+    assert not run_dir.exists()

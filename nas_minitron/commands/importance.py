@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the teacher over --num-samples calibration sequences of --seq-len tokens and save per-unit "
             "importance (Minitron) to --out as scores.safetensors + scores.json; `nas-minitron prune --importance "
-            "DIR` consumes it. A rerun with the same inputs reuses the saved scores."
+            "DIR` and `nas-minitron search --importance DIR` consume it. A rerun with the same inputs reuses the "
+            "saved scores."
         ),
     )
     add_teacher_args(parser, help="local HF model directory, .gguf file, hub id (org/name), or 'smollm2-135m'")
@@ -50,8 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="'builtin', a .txt/.jsonl/.json/.parquet file or folder, or "
                              "hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] (default: builtin)")
     parser.add_argument("--text-column", default="text", help="text field of json/parquet rows (default: text)")
-    parser.add_argument("--num-samples", type=at_least(1), default=1024, help="calibration sequences (default: 1024)")
-    parser.add_argument("--seq-len", type=at_least(2), default=4096, help="tokens per sequence (default: 4096)")
+    parser.add_argument("--num-samples", type=at_least(1), default=1024,
+                        help="calibration sequences (search: --calibration-samples; default: 1024)")
+    parser.add_argument("--seq-len", type=at_least(2), default=4096,
+                        help="tokens per calibration sequence (search: --calib-seq-len; default: 4096)")
     parser.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per forward pass (default: 8)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="document order seed (default: 0)")
     parser.add_argument("--batch-agg", default="l2", help="across sequences: l2 or mean (default: l2)")

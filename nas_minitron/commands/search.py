@@ -42,6 +42,8 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--batch-size": ("batch_size", int),
     "--lr": ("lr", float),
     "--calibration-samples": ("calibration_samples", int),
+    "--calib-seq-len": ("calib_seq_len", int),
+    "--importance": ("importance", str),
     "--loss-sequences": ("loss_sequences", int),
     "--validation-sequences": ("validation_sequences", int),
     "--evals-per-trial": ("evals_per_trial", int),

@@ -17,7 +17,8 @@ JSON (`Plan.to_dict()`, `--dry-run --json`, `plan.json`)::
                  "basis": str}, ...],          how the numbers were made, in words
      "totals": {"tokens", "disk_bytes", "seconds": sums; "cpu_ram_bytes", "gpu_bytes_per_device": maxima},
      "gpu_memory_bytes": int,                  the capacity of one GPU assumed (--gpu-memory-gib)
-     "fits": bool, "problems": [str, ...]}     problems: one sentence each, with the numbers and what would fit
+     "fits": bool, "problems": [str, ...],     problems: one sentence each, with the numbers and what would fit
+     "warnings": [str, ...]}                   what runs but is likely not what was meant (never refuses)
 
 Memory model (bytes; P = parameters, L/H/I = layers/hidden/intermediate of the model, B x T = batch x seq_len):
 - A trained student: 16 B/P (fp32 master weights 4 + gradients 4 + AdamW moments 8), on CPU and GPU alike
@@ -55,9 +56,10 @@ from typing import Any
 from nas_minitron.arch import ArchConfig
 from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig
 from nas_minitron.pipeline.run_dir import STAGES
-from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers, train_sequences
+from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, full_distill_workers, train_sequences
 
-__all__ = ["DEFAULT_GPU_MEMORY_GIB", "PLAN_FILE", "Plan", "StagePlan", "StudentShape", "describe_plan", "make_plan"]
+__all__ = ["DEFAULT_GPU_MEMORY_GIB", "LARGE_TEACHER_PARAMS", "PLAN_FILE", "Plan", "StagePlan", "StudentShape",
+           "describe_plan", "make_plan"]
 
 PLAN_FILE = "plan.json"  # in the run directory, beside config.json (README "Run directory")
 GIB = 2**30
@@ -72,6 +74,7 @@ EVAL_TOKENS_PER_ITEM = 256  # assumed (context + choices, summed); not measured
 EVAL_ITEMS_UNLIMITED = 1000  # assumed items per task with --eval-limit none
 TRIAL_SETUP_S = {"cpu": 10.0, "cuda": 30.0}  # slicing the student from the teacher's files, process start (estimated)
 DRIVER_THREADS = 2  # the driver's stages use every core of the 2-core box the CPU rows were measured on
+LARGE_TEACHER_PARAMS = 10**9  # from here on the CPU-sized defaults are far from the papers' scale: a warning
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class Plan:
     stages: tuple[StagePlan, ...]
     gpu_memory_bytes: int
     problems: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def fits(self) -> bool:
@@ -167,7 +171,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"stages": [s.to_dict() for s in self.stages], "totals": self.totals(),
-                "gpu_memory_bytes": self.gpu_memory_bytes, "fits": self.fits, "problems": list(self.problems)}
+                "gpu_memory_bytes": self.gpu_memory_bytes, "fits": self.fits, "problems": list(self.problems),
+                "warnings": list(self.warnings)}
 
 
 # ---- the pieces of the memory model --------------------------------------------------------------------------
@@ -215,9 +220,10 @@ def _teacher_held(c: _Ctx) -> tuple[int, int]:
     return RUNTIME_BYTES + 4 * c.teacher_params, 0
 
 
-def _forward_stage(c: _Ctx, stage: str, tokens: int, disk: int, basis: str, extra_ram: int = 0) -> StagePlan:
+def _forward_stage(c: _Ctx, stage: str, tokens: int, disk: int, basis: str, extra_ram: int = 0,
+                   micro_tokens: int | None = None) -> StagePlan:
     ram, gpu = _teacher_held(c)
-    peak = _forward_peak(c.micro_tokens, c.vocab, c.teacher.hidden_size)
+    peak = _forward_peak(micro_tokens or c.micro_tokens, c.vocab, c.teacher.hidden_size)
     rate, measured = _rate(c.driver_device, "forward", c.teacher_params, DRIVER_THREADS)
     if c.driver_device == "cuda":
         gpu += peak
@@ -230,17 +236,22 @@ def _forward_stage(c: _Ctx, stage: str, tokens: int, disk: int, basis: str, extr
 # ---- the stages ---------------------------------------------------------------------------------------------------
 def _importance(c: _Ctx) -> StagePlan:
     s, layers = c.s, c.teacher.num_hidden_layers
-    calibration = s.calibration_samples * s.seq_len
+    seq_len = calibration_seq_len(s)
+    calibration = s.calibration_samples * seq_len
     drops = sorted({layers - n for n in c.layer_counts} - {0})
+    scores = 4 * layers * (c.teacher.hidden_size + c.teacher.intermediate_size + c.teacher.num_attention_heads)
+    if s.importance is not None:  # linked from the directory pre-flight checked: no teacher, no tokens
+        return StagePlan("importance", 0, RUNTIME_BYTES, 0, 0, 1.0, True,
+                         f"reused from {s.importance} (linked, or copied across filesystems: ~{scores:,} B)")
     # importance.compute_importance: one forward per removed window (sizes `drops` and 1) over loss_sequences
     # sequences, each skipping k of L layers
-    removal_tokens = sum((layers - k + 1) * s.loss_sequences * s.seq_len * (layers - k) / layers
+    removal_tokens = sum((layers - k + 1) * s.loss_sequences * seq_len * (layers - k) / layers
                          for k in {*drops, 1}) if drops else 0.0
     tokens = calibration + int(removal_tokens)
-    scores = 4 * layers * (c.teacher.hidden_size + c.teacher.intermediate_size + c.teacher.num_attention_heads)
     return _forward_stage(c, "importance", tokens, scores,
-                          f"{calibration:,} calibration tokens + {int(removal_tokens):,} layer-removal tokens "
-                          f"(windows {drops or 'none'})")
+                          f"{s.calibration_samples} x {seq_len} = {calibration:,} calibration tokens + "
+                          f"{int(removal_tokens):,} layer-removal tokens (windows {drops or 'none'})",
+                          micro_tokens=s.batch_size * seq_len)
 
 
 def _num_sequences(tokens: int, s: SearchSettings) -> int:
@@ -446,7 +457,25 @@ def make_plan(settings: SearchSettings, resolved: Mapping[str, Any], students: S
         problems.extend(f"stage {p.stage} needs ~{_gib(p.cpu_ram_bytes)} of RAM but this machine has "
                         f"{_gib(total_ram_bytes)}; lower --batch-size or run it on a larger machine"
                         for p in plans if p.stage in driver and p.cpu_ram_bytes > total_ram_bytes)
-    return Plan(plans, capacity, tuple(problems))
+    return Plan(plans, capacity, tuple(problems), tuple(_scale_warnings(settings, c.teacher_params)))
+
+
+def _scale_warnings(s: SearchSettings, teacher_params: int) -> list[str]:
+    """One line when a teacher of >= 1B parameters runs with the CPU-sized defaults of calibration and
+    distillation (a run that works, but whose importance and distillation are far below the papers' scale)."""
+    defaults = SearchSettings()
+    small = [(flag, value) for flag, value, default in (
+        ("--calibration-samples", s.calibration_samples, defaults.calibration_samples),
+        ("--calib-seq-len", calibration_seq_len(s), calibration_seq_len(defaults)),
+        ("--short-tokens", s.short_tokens, defaults.short_tokens),
+        ("--full-tokens", s.full_tokens, defaults.full_tokens),
+    ) if value == default]
+    if teacher_params < LARGE_TEACHER_PARAMS or not small:
+        return []
+    named = ", ".join(f"{flag} {value:,}" for flag, value in small)
+    return [f"a teacher of {teacher_params / 1e9:.1f}B parameters with CPU-sized defaults ({named}): the papers "
+            f"calibrate on 1024 samples x 4096 tokens and distill on billions of tokens; raise them for a real run "
+            f"(flags or --config)"]
 
 
 def _gpu_problems(c: _Ctx, plans: Sequence[StagePlan], capacity: int) -> list[str]:
@@ -505,6 +534,7 @@ def describe_plan(plan: Plan) -> list[str]:
     lines.append("(~: estimated, not from a measured rate; GPU sizes assume "
                  f"{plan.gpu_memory_bytes / GIB:g} GiB per GPU)")
     lines.extend(f"does not fit: {problem}" for problem in plan.problems)
+    lines.extend(f"warning: {warning}" for warning in plan.warnings)
     return lines
 
 

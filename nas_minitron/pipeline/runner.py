@@ -20,10 +20,10 @@ from nas_minitron.data import iter_sequences
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import find_tasks, resolve_tasks
 from nas_minitron.families import describe
-from nas_minitron.pipeline import halving_stage, stages
+from nas_minitron.pipeline import halving_stage, importance_stage, stages
 from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
-from nas_minitron.pipeline.settings import SearchSettings, differences, train_sequences
+from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, differences, train_sequences
 from nas_minitron.teacher import load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir
 
 __all__ = ["plan_search", "run_search"]
@@ -31,7 +31,7 @@ __all__ = ["plan_search", "run_search"]
 # The stage functions, by the names STAGES gives them (run_dir.STAGES owns the order).
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
     "candidates": stages.candidates,
-    "importance": stages.importance,
+    "importance": importance_stage.importance,
     "logit_cache": stages.logit_cache,
     "trials": lambda run: (halving_stage.rung_trials if run.settings.strategy == "rungs" else stages.trials)(run),
     "winners": stages.winners,
@@ -75,9 +75,11 @@ def _resolve(settings: SearchSettings) -> dict[str, Any]:
     family, arch = describe(teacher_config)
     teacher_params = count_params(arch, family.invariants_from_config(teacher_config))
     max_positions = teacher_config.get("max_position_embeddings")
-    if isinstance(max_positions, int) and settings.seq_len > max_positions:
-        raise UserError(f"--seq-len {settings.seq_len} exceeds the teacher's max_position_embeddings "
-                        f"({max_positions}); valid: 1..{max_positions}.")
+    if isinstance(max_positions, int):
+        for flag, value, low in (("--seq-len", settings.seq_len, 1), ("--calib-seq-len", settings.calib_seq_len, 2)):
+            if value is not None and value > max_positions:
+                raise UserError(f"{flag} {value} exceeds the teacher's max_position_embeddings ({max_positions}); "
+                                f"valid: {low}..{max_positions}.")
     return {**settings.to_dict(), "budget_params": budget.resolve(teacher_params),
             "teacher_params": teacher_params, "teacher_arch": arch.name, "head_dim": arch.head_dim,
             "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"])}
@@ -97,6 +99,7 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
 
     `to_run`: the stages this invocation may run (all, or up to --stop-after)."""
     _check_scratch_dir(settings.scratch_dir)
+    found = None
     if new:
         space, teacher_config, found = stages.find_candidates(settings, resolved["budget_params"])  # a second
         if settings.strategy == "rungs" and settings.screen is not None:
@@ -106,6 +109,10 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
                 raise UserError(f"--screen {settings.screen} must be between {low} (the winners and the "
                                 f"{len(baselines)} enqueued baselines) and the {len(found)} candidates within the "
                                 f"budget window, or none for all.")
+    if settings.importance is not None and "importance" in to_run and "importance" not in finished_stages(run_dir):
+        if found is None:  # resumed: the candidates stage found these same ones
+            found = stages.find_candidates(settings, resolved["budget_params"])[2]
+        importance_stage.check_reused(settings, resolved, (c.arch.num_hidden_layers for c in found))
     if "eval" in to_run and "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours
         find_tasks(list(resolve_tasks(settings.eval_tasks)))
     _check_data(settings, run_dir, to_run)
@@ -113,24 +120,27 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
 
 def _check_data(settings: SearchSettings, run_dir: Path, to_run: tuple[str, ...]) -> None:
     """UserError unless --data is readable and long enough for the stages still to run: the calibration split for
-    importance, the train split for the trials' and the winners' token streams and the validation split (the
-    logit_cache stage cuts them). Tokenizes only up to the sequences they need."""
+    importance (at --calib-seq-len; none when --importance reuses scores), the train split for the trials' and the
+    winners' token streams and the validation split (the logit_cache stage cuts them). Tokenizes only up to the
+    sequences they need."""
     done = set(finished_stages(run_dir))
     s = settings
     train = train_sequences(s, s.short_tokens) + train_sequences(s, s.full_tokens)
-    needs = [(split, count, why) for stage, split, count, why in (
-        ("importance", "calibration", s.calibration_samples, "--calibration-samples"),
-        ("logit_cache", "train", train, "--short-tokens + --full-tokens"),
-        ("logit_cache", "validation", s.validation_sequences, "--validation-sequences"),
-    ) if stage in to_run and stage not in done]
+    calib_flag = "--seq-len" if s.calib_seq_len is None else "--calib-seq-len"
+    needs = [(split, count, seq_len, why, flag) for stage, split, count, seq_len, why, flag in (
+        ("importance", "calibration", s.calibration_samples, calibration_seq_len(s), "--calibration-samples",
+         calib_flag),
+        ("logit_cache", "train", train, s.seq_len, "--short-tokens + --full-tokens", "--seq-len"),
+        ("logit_cache", "validation", s.validation_sequences, s.seq_len, "--validation-sequences", "--seq-len"),
+    ) if stage in to_run and stage not in done and not (stage == "importance" and s.importance is not None)]
     if not needs:
         return
     tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir))
-    for split, count, why in needs:
-        found = sum(1 for _ in itertools.islice(iter_sequences(s.data, tokenizer, split, s.seq_len, s.seed), count))
+    for split, count, seq_len, why, flag in needs:
+        found = sum(1 for _ in itertools.islice(iter_sequences(s.data, tokenizer, split, seq_len, s.seed), count))
         if found < count:
-            raise UserError(f"--data {s.data!r}: its {split} split holds {found} sequences of {s.seq_len} tokens, but "
-                            f"this search needs {count} ({why}); use more data, a shorter --seq-len, or lower {why}.")
+            raise UserError(f"--data {s.data!r}: its {split} split holds {found} sequences of {seq_len} tokens, but "
+                            f"this search needs {count} ({why}); use more data, a shorter {flag}, or lower {why}.")
 
 
 def _lock(run_dir: Path) -> IO[str]:
@@ -211,6 +221,8 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
     log(f"plan ({PLAN_FILE}): {totals['tokens']:,} tokens, peak CPU RAM {totals['cpu_ram_bytes'] / 2**30:.1f} GiB, "
         f"GPU {totals['gpu_bytes_per_device'] / 2**30:.1f} GiB/device, disk {totals['disk_bytes'] / 2**30:.2f} GiB, "
         f"~{totals['seconds'] / 60:.0f} min (estimates; --dry-run for the table)")
+    for warning in plan.warnings:
+        log(f"warning: {warning}")
     if not stage_marker(run_dir, "trials").is_file():
         stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
     try:

@@ -24,8 +24,8 @@ from nas_minitron.errors import UserError
 from nas_minitron.search.protocol import SAMPLERS
 from nas_minitron.search.winners import OBJECTIVES
 
-__all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "differences", "full_distill_workers",
-           "optional_setting", "resolve_settings", "train_sequences"]
+__all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "calibration_seq_len", "differences",
+           "full_distill_workers", "optional_setting", "resolve_settings", "train_sequences"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,13 @@ class SearchSettings:
     """peak learning rate of short and full distillation"""
     calibration_samples: int = 32
     """calibration sequences for importance (the papers use 1024)"""
+    calib_seq_len: int | None = None
+    """tokens per calibration sequence of the importance stage (the papers use 4096; `nas-minitron importance
+    --seq-len`); none: --seq-len"""
+    importance: str | None = None
+    """reuse this importance directory (`nas-minitron importance --out`, or another run's importance/) instead of
+    computing it: refused unless it was made for this teacher and calibration data (--data, --calibration-samples,
+    --calib-seq-len, --seed) and holds the layer-removal windows the candidates' depths need"""
     loss_sequences: int = 2
     """sequences on which layer-removal LM losses are measured"""
     validation_sequences: int = 16
@@ -204,6 +211,14 @@ def _validate(s: SearchSettings) -> None:
         value = getattr(s, key)
         if value is not None and value < 1:
             problems.append(f"{key} must be >= 1 or none, but got {value!r}")
+    if s.calib_seq_len is not None and s.calib_seq_len < 2:
+        problems.append(f"calib_seq_len must be >= 2 (a calibration sequence predicts its next tokens) or none, but "
+                        f"got {s.calib_seq_len!r}")
+    elif s.calib_seq_len is None and s.importance is None and s.seq_len == 1:
+        problems.append("calib_seq_len (none: seq_len 1) must be >= 2 for the importance stage; pass "
+                        "--calib-seq-len 2 or more")
+    if s.importance is not None and not s.importance.strip():
+        problems.append("importance must name an importance directory or be none, but got ''")
     if not (math.isfinite(s.gpus_per_trial) and s.gpus_per_trial >= 0):
         problems.append(f"gpus_per_trial must be a number >= 0 (a fraction shares a GPU), but got {s.gpus_per_trial!r}")
     elif s.gpus_per_trial > 1:  # a trial trains on one device: more would be reserved and sit idle
@@ -268,6 +283,11 @@ def _strategy_problems(s: SearchSettings) -> list[str]:
     return problems
 
 
+def calibration_seq_len(s: SearchSettings) -> int:
+    """Tokens per calibration sequence of the importance stage: --calib-seq-len, else --seq-len."""
+    return s.calib_seq_len if s.calib_seq_len is not None else s.seq_len
+
+
 def train_sequences(s: SearchSettings, num_tokens: int) -> int:
     """Train sequences of a distillation stream of `num_tokens` tokens (at least one batch)."""
     return max(s.batch_size, math.ceil(num_tokens / s.seq_len))
@@ -318,6 +338,6 @@ def differences(saved: Mapping[str, Any], current: SearchSettings, finished: Col
     return [f"{k}: {old(k)!r} -> {now.get(k)!r}" for k in keys if old(k) != now.get(k)]
 
 
-# Settings added after run directories existed whose default is not what those runs did: a config.json without
-# them ran the earlier search (resume it with --strategy sample).
-_BEFORE_IT_EXISTED: dict[str, Any] = {"strategy": "sample"}
+# Settings added after run directories existed, with what a config.json without them did: the earlier search
+# (resume it with --strategy sample), calibration at --seq-len, importance computed in the run.
+_BEFORE_IT_EXISTED: dict[str, Any] = {"strategy": "sample", "calib_seq_len": None, "importance": None}

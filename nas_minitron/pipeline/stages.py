@@ -32,7 +32,6 @@ from nas_minitron.evaluate.speed import measure_speed
 from nas_minitron.integrity import CHECKSUMS, verify_checksums, write_checksums
 from nas_minitron.pipeline.run_dir import CURVE_COLUMNS, TRIAL_COLUMNS, WINNER_COLUMNS, Run, read_csv, write_csv
 from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers, train_sequences
-from nas_minitron.prune.importance import compute_importance
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan, save_student
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.prune.sliced import is_safetensors_dir
@@ -76,7 +75,7 @@ else:
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
 
-__all__ = ["candidates", "distill_winners", "evaluate", "find_candidates", "importance", "logit_cache", "report",
+__all__ = ["candidates", "distill_winners", "evaluate", "find_candidates", "logit_cache", "report",
            "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most", "winners"]
 
 DEFAULT_CPU_SPACE = "smollm2-135m-cpu"  # the embedded default's space: few depths keep importance short on CPU
@@ -140,21 +139,6 @@ def candidates(run: Run) -> dict[str, Any]:
     baselines = baseline_names(s, space, teacher_config, budget, found)
     run.log(f"  {len(found)} candidates within the budget window; baselines: {', '.join(baselines) or 'none'}")
     return {"num_candidates": len(found), "baselines": baselines}
-
-
-# ---- importance ------------------------------------------------------------------------------------------------
-def importance(run: Run) -> dict[str, Any]:
-    s = run.settings
-    teacher, tokenizer = run.teacher()
-    layers = run.resolved.teacher().num_hidden_layers
-    drops = sorted({layers - int(r["num_hidden_layers"]) for r in run.candidate_rows()} - {0})
-    batches = take_sequences(s.data, tokenizer, "calibration", s.seq_len, s.calibration_samples, s.seed)
-    scores = compute_importance(teacher, batches, batch_size=s.batch_size, layer_metrics=True,
-                                layer_loss=bool(drops), window_sizes=tuple(drops) or (1,),
-                                loss_sequences=s.loss_sequences, progress=True)
-    with atomic_directory(run.path("importance"), overwrite=True) as tmp:
-        scores.save(tmp)
-    return {"num_tokens": int(batches.numel()), "window_sizes": drops}
 
 
 # ---- teacher-logit cache ------------------------------------------------------------------------------------------

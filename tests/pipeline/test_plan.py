@@ -120,10 +120,13 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tiny_teacher_dir: Path, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(stage in result.stdout for stage in STAGES) and "total" in result.stdout
     assert not run_dir.exists()
-    as_json = search(tiny_teacher_dir, run_dir, "--dry-run", "--json")
+    as_json = search(tiny_teacher_dir, run_dir, "--dry-run", "--json", "--eval-limit", "none")
     assert as_json.returncode == 0, as_json.stderr[-2000:]
     plan = json.loads(as_json.stdout)
-    assert set(plan) == {"stages", "totals", "gpu_memory_bytes", "fits", "problems"} and plan["fits"]
+    assert set(plan) == {"stages", "totals", "gpu_memory_bytes", "fits", "problems", "warnings"} and plan["fits"]
+    assert plan["warnings"] == []  # a tiny teacher: its CPU-sized settings are what it needs
+    eval_basis = next(s["basis"] for s in plan["stages"] if s["stage"] == "eval")
+    assert "x 1000 items" in eval_basis  # --eval-limit none: every item (plan.EVAL_ITEMS_UNLIMITED assumed)
     assert [s["stage"] for s in plan["stages"]] == list(STAGES)
     keys = {"stage", "tokens", "cpu_ram_bytes", "gpu_bytes_per_device", "disk_bytes", "seconds", "estimated", "basis"}
     assert all(set(s) == keys for s in plan["stages"])

@@ -44,11 +44,15 @@ def test_problems_are_reported_together() -> None:
     assert all(key in str(caught.value) for key in ("gpus_per_trial", "lr", "eval_limit"))
 
 
-def test_eval_limit_none_unsets_it_from_the_command_line() -> None:
+def test_eval_limit_none_unsets_it_from_the_command_line(tmp_path: Path) -> None:
     args = build_parser().parse_args(["search", "--eval-limit", "none", "--max-candidates", "null"])
     settings = resolve_settings(None, {"eval_limit": args.eval_limit, "max_candidates": args.max_candidates})
     assert settings.eval_limit is None and settings.max_candidates is None
     assert resolve_settings(None, {"eval_limit": "12"}).eval_limit == 12
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("eval_limit: 5\n")
+    assert resolve_settings(yaml_file, {}).eval_limit == 5
+    assert resolve_settings(yaml_file, {"eval_limit": args.eval_limit}).eval_limit is None  # the flag unsets YAML's
     with pytest.raises(UserError, match="trials must be a int"):  # `none` only unsets optional settings
         resolve_settings(None, {"trials": "none"})
 
