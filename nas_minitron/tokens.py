@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from nas_minitron._lazy import lazy_import
 from nas_minitron.artifacts import reading
 from nas_minitron.atomic import write_json_atomic
-from nas_minitron.data import separator_ids, data_fingerprint, iter_documents, load_sequences
+from nas_minitron.data import data_fingerprint, iter_documents, load_sequences, separator_ids
 from nas_minitron.errors import UserError
 from nas_minitron.integrity import CHECKSUMS, verify_checksums, write_checksums
 from nas_minitron.teacher import tokenizer_fingerprint
@@ -319,11 +319,11 @@ def write_stream(
                 "data": data_fingerprint(data, tokenizer, split, seq_len, None, seed, text_column),
                 "tokenizer": tokenizer_fingerprint(tokenizer), "start": list(start)}
     shards = _kept_shards(root, identity)
-    manifest = {**identity, "shards": shards}
+    manifest: dict[str, Any] = {**identity, "shards": shards}
     if _complete(manifest):
         return TokenStream.open(root)
     write_json_atomic(root / MANIFEST, manifest)
-    cursor: Cursor = tuple(shards[-1]["end"]) if shards else start  # type: ignore[assignment]
+    cursor: Cursor = (int(shards[-1]["end"][0]), int(shards[-1]["end"][1])) if shards else start
     done = sum(e["num_sequences"] for e in shards)
     if log is not None:
         where = f"continuing after shard {len(shards) - 1}" if shards else "from the start"
@@ -396,11 +396,12 @@ def _take_rows(rows: Iterator[tuple[np.ndarray, Cursor]], count: int, seq_len: i
     block = np.empty((count, seq_len), dtype=dtype)
     end: Cursor = (0, 0)
     filled = 0
-    for filled, (row, end) in enumerate(rows, start=1):
+    for row, after in rows:
         if int(row.max(initial=0)) > np.iinfo(block.dtype).max:
             raise UserError(f"token id {int(row.max())} does not fit {dtype}: the tokenizer's vocabulary is larger "
                             f"than it says.")
-        block[filled - 1] = row
+        block[filled], end = row, after
+        filled += 1
         if filled == count:
             break
     return block[:filled], end

@@ -32,7 +32,7 @@ def tokenizer():  # type: ignore[no-untyped-def]
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every local format, plus documents from 2 tokens to several rows long (a row then spans many documents)."""
     root = _corpus(tmp_path_factory.mktemp("corpus") / "c", num_docs=40)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     rows = [{"text": " ".join(words[(i + j) % 10] for j in range(i * 7 % 53 + 1))} for i in range(300)]
     (root / "varied.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
@@ -91,7 +91,7 @@ def test_resumed_after_a_kill_equals_an_uninterrupted_run(corpus: Path, tokenize
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == -9, proc.stderr  # SIGKILLed right after shard 2
     assert sorted(p.name for p in killed.glob("*.npy")) == ["shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
-    assert not json.loads((killed / MANIFEST).read_text())["shards"][-1]["end"] == [0, 0]
+    assert len(json.loads((killed / MANIFEST).read_text())["shards"]) == 3
     with pytest.raises(UserError, match="incomplete"):
         TokenStream.open(killed)
     (killed / "shard-00002.npy").write_bytes(b"torn")  # a shard cut short by the kill is written again
