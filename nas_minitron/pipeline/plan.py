@@ -35,11 +35,12 @@ Memory model (bytes; P = parameters, L/H/I = layers/hidden/intermediate of the m
   A GPU adds CUDA_CONTEXT_BYTES (~1 GiB: context + allocator slack; estimated).
 Disk model (what a stage has in the run directory at its peak; the sum over stages is checked against free space):
 token streams 2 B/token (uint16, vocabulary <= 65,536) or 4 B/token (uint32), data/ (`nas_minitron.tokens`):
-train_short + validation written by the logit_cache stage, train_full by the distill stage; the logit cache N x T x (4 + topk x (2 + 4)) (int32 tokens, fp16 log-probs,
-int32 ids); a trial's checkpoint copied into the run directory by Ray 12 B/P (fp32 weights + AdamW state), one per
-running trial, deleted when it ends; trained students 4 B/P (trial_results/<arch>/), kept while they can still
-win: winners + running trials with one objective, every trial with several; a winner linked from its trial (0) or
-re-pruned (4 B/P: counted); the full distillation's last 2 checkpoints (2 x 12 B/P) and its result 4 B/P.
+train_short + validation written by the logit_cache stage, train_full by the distill stage; the logit cache N x T x
+(4 + topk x (2 + 4)) (int32 tokens, fp16 log-probs, int32 ids); a trial's checkpoint copied into the run directory
+by Ray 12 B/P (fp32 weights + AdamW state), one per running trial, deleted when it ends; trained students 4 B/P
+(trial_results/<arch>/), kept while they can still win: winners + running trials with one objective, every trial
+with several; a winner linked from its trial (0) or re-pruned (4 B/P: counted); the full distillation's last 2
+checkpoints (2 x 12 B/P) and its result 4 B/P.
 The token streams are memory-mapped: no process holds a stream in RAM (a worker reads its own rows as it trains),
 except the logit-cache pass, which holds the short stream + validation as int64 (and their concatenation).
 Time model: tokens / rate, the rate read from THROUGHPUT (tokens/s measured on a model of known size, scaled by

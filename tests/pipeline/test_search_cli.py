@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from cli_helpers import TINY_SEARCH_ARGS, search
+from cli_helpers import TINY_SEARCH_ARGS, assert_streams_continue, search
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -61,20 +60,7 @@ def test_search_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     kept = {p.name for p in (run_dir / "trial_results").iterdir() if p.is_dir()}
     assert kept <= {w["name"] for w in rows(run_dir / "winners.csv")}
     # the winners' stream follows the trials': a winner that continues from its trial never sees its data again
-    # (the train split's first sequences, the full stream continuing where the trials' ended), in uint16 shards
-    from nas_minitron.data import take_sequences
-    from nas_minitron.teacher import load_teacher_tokenizer, resolve_teacher_dir
-    from nas_minitron.tokens import open_tokens
-
-    data = {name: open_tokens(run_dir / "data" / name) for name in ("train_short", "train_full", "validation")}
-    short, full = data["train_short"].num_sequences, data["train_full"].num_sequences
-    config = json.loads((run_dir / "config.json").read_text())
-    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(config["teacher"]))
-    train = take_sequences(config["data"], tokenizer, "train", config["seq_len"], short + full, config["seed"])
-    assert torch.equal(train[:short], data["train_short"].tensor()) and torch.equal(train[short:],
-                                                                                    data["train_full"].tensor())
-    assert data["train_full"].tensor().numel() >= 128  # --full-tokens 128 of its own
-    assert json.loads((run_dir / "data" / "train_full" / "manifest.json").read_text())["dtype"] == "uint16"
+    assert_streams_continue(run_dir, full_tokens=128)
     # curves start at step 0 (the untrained ranking) and end at the last step
     curves = rows(run_dir / "trial_curves.csv")
     assert {c["step"] for c in curves} >= {"0", "4"}
