@@ -17,9 +17,11 @@ one starts, so a restarted writer keeps the complete shards and continues from t
 are read but not tokenized), and a stream may start where another one of the same split ended (the winners'
 stream continues the trials' without tokenizing it again).
 
-Tokenization runs in `num_proc` processes (default os.cpu_count()), each with its own copy of a fast tokenizer's
-Rust backend, over chunks of documents in order; one process (or a slow tokenizer) tokenizes in the caller, in
-batches. The ids equal the tokenizer's own `tokenizer(text, add_special_tokens=False)` (tests/test_tokens.py).
+Tokenization of a fast tokenizer runs over chunks of documents, in order: by default in the caller, batched, where
+the Rust backend spreads each batch over every CPU (its threads); with `num_proc` > 1 in that many processes of one
+thread each, with their own copy of the backend. On 2 loaded CPUs the default was 1.8x `take_sequences` and 2
+processes 1.0x (benchmarks/bench_tokenize.py). A slow tokenizer tokenizes in the caller, one document at a time. The
+ids equal the tokenizer's own `tokenizer(text, add_special_tokens=False)` (tests/test_tokens.py).
 A `.safetensors` token file of an older run (`data.save_sequences`) opens as a stream too (`open_tokens`).
 """
 
@@ -329,7 +331,7 @@ def write_stream(
         where = f"continuing after shard {len(shards) - 1}" if shards else "from the start"
         log(f"  tokenizing {num_sequences - done:,} {split} sequences of {seq_len} into {root.name}/ "
             f"({dtype}, {math.ceil(num_sequences / per_shard)} shard(s), {where})")
-    rows = _packed_rows(data, tokenizer, split, seq_len, seed, text_column, cursor, num_proc or os.cpu_count() or 1)
+    rows = _packed_rows(data, tokenizer, split, seq_len, seed, text_column, cursor, num_proc or 1)
     for index in range(len(shards), math.ceil(num_sequences / per_shard)):
         count = min(per_shard, num_sequences - index * per_shard)
         block, end = _take_rows(rows, count, seq_len, dtype)

@@ -98,7 +98,8 @@ class SearchSettings:
     cpus_per_trial: int = 1
     """CPUs per Ray trial (also torch threads)"""
     tokenize_procs: int | None = None
-    """processes that tokenize the token streams (data/); none: one per CPU of the driver's machine"""
+    """processes that tokenize the token streams (data/); none: the driver, batched (a fast tokenizer's Rust code
+    uses every CPU; faster than a pool on 2 CPUs, benchmarks/bench_tokenize.py)"""
     gpus_per_trial: float = 0.0
     """GPUs per Ray trial"""
     max_concurrent: int = 2
