@@ -26,8 +26,10 @@ is tokenized on its own (no special tokens), followed by the tokenizer's EOS, an
 
 Packed sequences are saved as a safetensors file holding one int64 tensor `tokens` [N, T] (`save_sequences`,
 `load_sequences`): the files of `nas-minitron distill`/benchmarks and of run directories made before the search's
-token streams (`nas_minitron.tokens`: uint16/uint32 shards, tokenized in parallel, resumable). Each file's size and sha256 go into its folder's `checksums.json` (`nas_minitron.integrity`) as it is
-written; a read checks its size (free), `verify=True` (`--verify`) its sha256 too. A file without a recorded checksum (an older run) is read unchecked.
+token streams (`nas_minitron.tokens`: uint16/uint32 shards, tokenized in parallel, resumable). Each file's size and
+sha256 go into its folder's `checksums.json` (`nas_minitron.integrity`) as it is written; a read checks its size
+(free), `verify=True` (`--verify`) its sha256 too. A file without a recorded checksum (an older run) is read
+unchecked.
 """
 
 from __future__ import annotations
