@@ -67,16 +67,16 @@ def prep(run_dir: Path, long_sequences: int, heldout_sequences: int) -> None:
     import torch
 
     from nas_minitron.atomic import atomic_directory
-    from nas_minitron.data import load_sequences, save_sequences, take_sequences
+    from nas_minitron.data import save_sequences, take_sequences
     from nas_minitron.distill.logit_cache import build_logit_cache
 
     run, s = _load_run(run_dir)
     teacher, tokenizer = run.teacher()
-    searched = load_sequences(run.data_path("train"))  # [N, T]: the search's short + full streams
+    searched = torch.cat([run.tokens("train_short").tensor(), run.tokens("train_full").tensor()])  # [N, T]
     train = take_sequences(s.data, tokenizer, "train", s.seq_len, searched.shape[0] + long_sequences, s.seed)
     assert torch.equal(train[: searched.shape[0]], searched)
     long_train = train[searched.shape[0]:]
-    val = load_sequences(run.data_path("validation"))
+    val = run.tokens("validation").tensor()
     allval = take_sequences(s.data, tokenizer, "validation", s.seq_len, val.shape[0] + heldout_sequences, s.seed)
     assert torch.equal(allval[: val.shape[0]], val)
     heldout = allval[val.shape[0]:]

@@ -25,9 +25,11 @@ is tokenized on its own (no special tokens), followed by the tokenizer's EOS, an
 `seq_len` chunks; a last partial chunk is dropped.
 
 Packed sequences are saved as a safetensors file holding one int64 tensor `tokens` [N, T] (`save_sequences`,
-`load_sequences`): a run's data/*.safetensors and the search's train/validation files. Each file's size and sha256
-go into its folder's `checksums.json` (`nas_minitron.integrity`) as it is written; a read checks its size (free),
-`verify=True` (`--verify`) its sha256 too. A file without a recorded checksum (an older run) is read unchecked.
+`load_sequences`): the files of `nas-minitron distill`/benchmarks and of run directories made before the search's
+token streams (`nas_minitron.tokens`: uint16/uint32 shards, tokenized in parallel, resumable). Each file's size and
+sha256 go into its folder's `checksums.json` (`nas_minitron.integrity`) as it is written; a read checks its size
+(free), `verify=True` (`--verify`) its sha256 too. A file without a recorded checksum (an older run) is read
+unchecked.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ __all__ = [
     "iter_sequences",
     "load_sequences",
     "save_sequences",
+    "separator_ids",
     "split_of",
     "take_sequences",
 ]
@@ -312,7 +315,8 @@ def iter_documents(data: str, split: str, seed: int = 0, text_column: str = "tex
     yield from _buffer_shuffle(in_split(), rng, SHUFFLE_BUFFER_DOCS)
 
 
-def _separator(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def separator_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The id that follows every document (EOS, else BOS, else none)."""
     for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
         if token_id is not None:
             return [int(token_id)]
@@ -330,7 +334,7 @@ def iter_sequences(
     """int64 tensors of shape [seq_len]: documents tokenized one at a time, EOS-separated, packed, streamed."""
     if seq_len < 1:
         raise UserError(f"seq_len must be at least 1, but got {seq_len}.")
-    separator = _separator(tokenizer)
+    separator = separator_ids(tokenizer)
     pending: list[int] = []
     for _doc_id, text in iter_documents(data, split, seed, text_column):
         pending.extend(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -88,3 +89,24 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in result.stderr.strip().splitlines() if not _RAY_LOG.match(line)]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return lines[0]
+
+
+def assert_streams_continue(run_dir: Path, full_tokens: int) -> None:
+    """A search's token streams: train_short the train split's first sequences and train_full the ones right after
+    (a winner that continues from its trial never sees its data again), as data.take_sequences packs them, in
+    uint16 shards (the tiny vocabulary)."""
+    import torch
+
+    from nas_minitron.data import take_sequences
+    from nas_minitron.teacher import load_teacher_tokenizer, resolve_teacher_dir
+    from nas_minitron.tokens import open_tokens
+
+    data = {name: open_tokens(run_dir / "data" / name) for name in ("train_short", "train_full", "validation")}
+    short, full = data["train_short"].num_sequences, data["train_full"].num_sequences
+    config = json.loads((run_dir / "config.json").read_text())
+    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(config["teacher"]))
+    train = take_sequences(config["data"], tokenizer, "train", config["seq_len"], short + full, config["seed"])
+    assert torch.equal(train[:short], data["train_short"].tensor())
+    assert torch.equal(train[short:], data["train_full"].tensor())
+    assert data["train_full"].tensor().numel() >= full_tokens  # --full-tokens of its own
+    assert json.loads((run_dir / "data" / "train_full" / "manifest.json").read_text())["dtype"] == "uint16"

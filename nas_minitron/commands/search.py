@@ -53,6 +53,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--sampler": ("sampler", str),
     "--gpus-per-trial": ("gpus_per_trial", float),
     "--cpus-per-trial": ("cpus_per_trial", int),
+    "--tokenize-procs": ("tokenize_procs", int),
     "--max-concurrent": ("max_concurrent", int),
     "--ray-address": ("ray_address", str),
     "--storage": ("storage", str),

@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from nas_minitron._lazy import lazy_import
-from nas_minitron.data import load_sequences
 from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint
 from nas_minitron.distill.fsdp import full_student_state, shard_student
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.result import RECORD_FILE, save_distilled
 from nas_minitron.distill.trainer import distill
 from nas_minitron.errors import UserError
+from nas_minitron.tokens import open_tokens
 
 if TYPE_CHECKING:
     import ray
@@ -143,8 +143,8 @@ def _train_loop(loop: dict[str, Any]) -> None:
 
     result = distill(
         student,
-        load_sequences(loop["train_path"])[rank::world],  # [N / world, T]
-        load_sequences(loop["val_path"]),  # [V, T]
+        open_tokens(loop["train_path"]).batches(config.batch_size, rank, world),  # rows rank::world, read as used
+        open_tokens(loop["val_path"]).tensor(),  # [V, T]
         config,
         teacher=teacher,
         logit_cache=cache,
@@ -182,17 +182,18 @@ def distill_ray(
 ) -> DistillResult:
     """Run `distill()` as a Ray Train job; returns rank 0's result (its curve from the reported points).
 
-    The token tensors go to the workers by path (`data.save_sequences` files, [N, T] and [V, T]): each worker reads
-    them itself, so nothing large passes through Ray's object store. With `checkpoint_dir` (on a filesystem every
-    node sees), rank 0 checkpoints there and every rank resumes from its newest checkpoint when `resume`, as
-    `distill()` does in one process; without it, checkpoints go to Ray (`storage_path`) and a restarted job resumes
-    from `ray.train.get_checkpoint()`. Call after `ray.init` (or let Ray start a local cluster); the caller owns the
-    cluster. `out_dir`, when given, receives rank 0's final student and its distill.json (`save_distilled`; on a
-    shared filesystem in a multi-node cluster).
+    The token streams go to the workers by path (`nas_minitron.tokens` directories, or an older run's
+    `data.save_sequences` files; [N, T] and [V, T]): each worker memory-maps them and reads only its own rows
+    (rank::world) as it trains, so nothing large passes through Ray's object store or any worker's memory. With
+    `checkpoint_dir` (on a filesystem every node sees), rank 0 checkpoints there and every rank resumes from its
+    newest checkpoint when `resume`, as `distill()` does in one process; without it, checkpoints go to Ray
+    (`storage_path`) and a restarted job resumes from `ray.train.get_checkpoint()`. Call after `ray.init` (or let
+    Ray start a local cluster); the caller owns the cluster. `out_dir`, when given, receives rank 0's final student
+    and its distill.json (`save_distilled`; on a shared filesystem in a multi-node cluster).
     """
     if strategy not in STRATEGIES:
         raise UserError(f"strategy must be one of {STRATEGIES} but got {strategy!r}.")
-    num_train = load_sequences(train_path).shape[0]
+    num_train = open_tokens(train_path).num_sequences
     if num_train < num_workers * config.batch_size:
         raise UserError(f"training data has {num_train} sequences, fewer than one batch of "
                         f"{config.batch_size} for each of {num_workers} workers.")

@@ -35,12 +35,15 @@ Memory model (bytes; P = parameters, L/H/I = layers/hidden/intermediate of the m
   memory", rounded up to 0.5 GiB for the allocator); a local Ray cluster adds RAY_BYTES (~0.8 GB, ENVIRONMENT.md).
   A GPU adds CUDA_CONTEXT_BYTES (~1 GiB: context + allocator slack; estimated).
 Disk model (what a stage has in the run directory at its peak; the sum over stages is checked against free space):
-token files int64 (8 B/token, data/); the logit cache N x T x (4 + topk x (2 + 4)) (int32 tokens, fp16 log-probs,
-int32 ids); a trial's checkpoint copied into the run directory by Ray 12 B/P (fp32 weights + AdamW state), one per
-running trial, deleted when it ends; trained students 4 B/P (trial_results/<arch>/), kept while they can still
-win: winners + running trials with one objective, every trial with several; a winner linked from its trial (0) or
-re-pruned (4 B/P: counted); the full distillation's last 2 checkpoints (2 x 12 B/P) and its result 4 B/P.
-Each full-distillation Ray Train worker holds the whole int64 train token file in RAM.
+token streams 2 B/token (uint16, vocabulary <= 65,536) or 4 B/token (uint32), data/ (`nas_minitron.tokens`):
+train_short + validation written by the logit_cache stage, train_full by the distill stage; the logit cache N x T x
+(4 + topk x (2 + 4)) (int32 tokens, fp16 log-probs, int32 ids); a trial's checkpoint copied into the run directory
+by Ray 12 B/P (fp32 weights + AdamW state), one per running trial, deleted when it ends; trained students 4 B/P
+(trial_results/<arch>/), kept while they can still win: winners + running trials with one objective, every trial
+with several; a winner linked from its trial (0) or re-pruned (4 B/P: counted); the full distillation's last 2
+checkpoints (2 x 12 B/P) and its result 4 B/P.
+The token streams are memory-mapped: no process holds a stream in RAM (a worker reads its own rows as it trains),
+except the logit-cache pass, which holds the short stream + validation as int64 (and their concatenation).
 Time model: tokens / rate, the rate read from THROUGHPUT (tokens/s measured on a model of known size, scaled by
 FLOPs per token, i.e. measured params / model params, and on CPU by threads) plus a per-trial set-up; a KD step
 with a live teacher counts student + teacher / 3 parameters (the teacher runs forward only); see `_rate`.
@@ -57,6 +60,7 @@ from nas_minitron.arch import ArchConfig
 from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig
 from nas_minitron.pipeline.run_dir import STAGES
 from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, full_distill_workers, train_sequences
+from nas_minitron.tokens import token_dtype
 
 __all__ = ["DEFAULT_GPU_MEMORY_GIB", "LARGE_TEACHER_PARAMS", "PLAN_FILE", "Plan", "StagePlan", "StudentShape",
            "describe_plan", "make_plan"]
@@ -258,18 +262,23 @@ def _num_sequences(tokens: int, s: SearchSettings) -> int:
     return train_sequences(s, tokens)
 
 
+def _token_bytes(c: _Ctx) -> int:
+    """Bytes a token takes in a token stream (its dtype follows the vocabulary)."""
+    return 2 if token_dtype(c.vocab) == "uint16" else 4
+
+
 def _logit_cache(c: _Ctx) -> StagePlan:
     s = c.s
-    n_train, n_short = _num_sequences(max(s.short_tokens, s.full_tokens), s), _num_sequences(s.short_tokens, s)
-    data = 8 * s.seq_len * (n_train + n_short + s.validation_sequences)
+    n_short = _num_sequences(s.short_tokens, s)
+    data = _token_bytes(c) * s.seq_len * (n_short + s.validation_sequences)  # train_short + validation streams
     if s.topk <= 0:
         return StagePlan("logit_cache", 0, RUNTIME_BYTES + 4 * c.teacher_params, 0, data, 5.0, True,
-                         "token files only (--topk 0: no cache)")
+                         "token streams only (--topk 0: no cache)")
     cached = n_short + s.validation_sequences
     cache = cached * s.seq_len * (4 + s.topk * (2 + 4))
     return _forward_stage(c, "logit_cache", cached * s.seq_len, data + cache,
-                          f"{cached} x {s.seq_len} tokens cached at top-{s.topk} ({cache:,} B) + token files "
-                          f"({data:,} B)", extra_ram=8 * s.seq_len * n_train)
+                          f"{cached} x {s.seq_len} tokens cached at top-{s.topk} ({cache:,} B) + token streams "
+                          f"({data:,} B)", extra_ram=2 * 8 * s.seq_len * cached)
 
 
 def trial_gpu_bytes(c: _Ctx, batch_size: int | None = None, checkpointing: bool = False) -> int:
@@ -385,14 +394,15 @@ def _distill(c: _Ctx) -> StagePlan:
     checkpointing = st.params >= GRAD_CHECKPOINTING_PARAMS
     if device == "cuda":
         gpu = _full_gpu_bytes(c, workers)
-        ram = RUNTIME_BYTES + workers * (RUNTIME_BYTES + 8 * s.seq_len * _num_sequences(s.full_tokens, s))
+        ram = RUNTIME_BYTES + workers * RUNTIME_BYTES  # the token stream is memory-mapped, not held
     else:
         gpu = 0
         ram = workers * (RUNTIME_BYTES + 16 * st.params // workers + 4 * c.teacher_params
                          + _activations(st.num_hidden_layers, st.hidden_size, c.micro_tokens, "float32",
                                         checkpointing)
                          + _kd_loss(c.micro_tokens, c.vocab, "full"))
-    disk = 2 * 12 * st.params + s.winners * 4 * st.params
+    full_stream = _token_bytes(c) * s.seq_len * _num_sequences(s.full_tokens, s)  # data/train_full, written here
+    disk = 2 * 12 * st.params + s.winners * 4 * st.params + full_stream
     where = "in the driver" if in_driver else f"{workers} Ray Train worker(s)"
     return StagePlan("distill", s.winners * (s.full_tokens + val_tokens), ram, gpu, disk, seconds, not (m1 and m2),
                      f"{s.winners} winner(s) x {s.full_tokens:,} tokens, live teacher, {where} on {device} at "

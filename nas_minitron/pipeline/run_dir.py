@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import write_json_atomic
-from nas_minitron.data import load_sequences
 from nas_minitron.distill.logit_cache import MANIFEST, LogitCache
 from nas_minitron.pipeline.settings import SearchSettings
 from nas_minitron.runtime import resolve_device
 from nas_minitron.teacher import load_teacher
+from nas_minitron.tokens import TokenStream, open_tokens
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["CURVE_COLUMNS", "LOCK_FILE", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run",
@@ -145,12 +144,21 @@ class Run:
         return read_csv(self.path("winners.csv"))
 
     def data_path(self, split: str) -> Path:
-        """Token ids of a split: `train`, `train_short` (the trials'; what the logit cache covers), `train_full` (the
-        winners': the sequences after the trials') or `validation`."""
-        return self.path("data", f"{split}.safetensors")
+        """The token stream of a split (`nas_minitron.tokens`, a directory): `train_short` (the trials'; what the
+        logit cache covers), `train_full` (the winners': the sequences after the trials') or `validation`. A run
+        directory made before the streams holds `data/<split>.safetensors` files instead (and `train`: short + full;
+        some have no `train_full`): those paths, when only they exist."""
+        stream = self.path("data", split)
+        legacy = self.path("data", f"{split}.safetensors")
+        return legacy if legacy.is_file() and not stream.is_dir() else stream
 
-    def sequences(self, split: str) -> torch.Tensor:
-        return load_sequences(self.data_path(split), verify=self.settings.verify)
+    def legacy_data(self) -> bool:
+        """Whether data/ holds an older run's whole-file token files (no streams to continue)."""
+        return any(self.path("data").glob("*.safetensors"))
+
+    def tokens(self, split: str) -> TokenStream:
+        """A split's token stream, opened (sizes checked; sha256 too with --verify)."""
+        return open_tokens(self.data_path(split), verify=self.settings.verify)
 
     def verify_shared(self) -> None:
         """With --verify, the sha256 of what every trial reads by path (the token files and the logit cache), once
@@ -158,8 +166,8 @@ class Run:
         if not self.settings.verify:
             return
         for split in ("train_short", "validation"):
-            if self.data_path(split).is_file():
-                load_sequences(self.data_path(split), verify=True)
+            if self.data_path(split).exists():
+                open_tokens(self.data_path(split), verify=True)
         if (self.path("logit_cache") / MANIFEST).is_file():
             LogitCache.open(self.path("logit_cache"), verify=True)
 

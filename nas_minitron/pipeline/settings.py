@@ -104,6 +104,9 @@ class SearchSettings:
     """seed of data order, sampler and training"""
     cpus_per_trial: int = 1
     """CPUs per Ray trial (also torch threads)"""
+    tokenize_procs: int | None = None
+    """processes that tokenize the token streams (data/); none: the driver, batched (a fast tokenizer's Rust code
+    uses every CPU; faster than a pool on 2 CPUs, benchmarks/bench_tokenize.py)"""
     gpus_per_trial: float = 0.0
     """GPUs per Ray trial"""
     max_concurrent: int = 2
@@ -150,7 +153,7 @@ class SearchSettings:
 # match), full_gpus / full_workers (the world size sets a winner's steps, schedule and data shards) and storage (the
 # study there is the search's memory: another storage would hold none of it).
 RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "cache_dir", "scratch_dir",
-                          "checkpoint_minutes", "gpu_memory_gib", "verify"})
+                          "checkpoint_minutes", "gpu_memory_gib", "verify", "tokenize_procs"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
 LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
@@ -207,7 +210,7 @@ def _validate(s: SearchSettings) -> None:
     positive = ("trials", "short_tokens", "winners", "full_tokens", "seq_len", "batch_size", "calibration_samples",
                 "validation_sequences", "evals_per_trial", "cpus_per_trial", "max_concurrent", "loss_sequences")
     problems = [f"{k} must be >= 1, but got {getattr(s, k)!r}" for k in positive if getattr(s, k) < 1]
-    for key in ("max_candidates", "eval_limit"):
+    for key in ("max_candidates", "eval_limit", "tokenize_procs"):
         value = getattr(s, key)
         if value is not None and value < 1:
             problems.append(f"{key} must be >= 1 or none, but got {value!r}")

@@ -20,7 +20,6 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory
-from nas_minitron.data import save_sequences, take_sequences
 from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig, DistillResult, EvalPoint
 from nas_minitron.distill.logit_cache import build_logit_cache
 from nas_minitron.distill.ray_train import check_cluster, distill_ray, fault_after_checkpoint
@@ -65,7 +64,8 @@ from nas_minitron.space.candidates import (
     enumerate_candidates,
 )
 from nas_minitron.space.spaces import SearchSpace, load_space
-from nas_minitron.teacher import DEFAULT_TEACHER, load_teacher_config, resolve_teacher_dir
+from nas_minitron.teacher import DEFAULT_TEACHER, load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir
+from nas_minitron.tokens import TokenStream, write_stream
 
 if TYPE_CHECKING:
     import torch
@@ -142,28 +142,38 @@ def candidates(run: Run) -> dict[str, Any]:
 
 
 # ---- teacher-logit cache ------------------------------------------------------------------------------------------
+def _write_tokens(run: Run, split: str, source_split: str, num_sequences: int, tokenizer: Any,
+                  start: tuple[int, int] = (0, 0)) -> TokenStream:
+    """data/<split>/: `num_sequences` packed sequences of the data's `source_split` from cursor `start`, tokenized
+    in --tokenize-procs processes; a rerun keeps the shards already written (`nas_minitron.tokens`)."""
+    s = run.settings
+    return write_stream(run.path("data", split), s.data, tokenizer, source_split, s.seq_len, num_sequences,
+                        seed=s.seed, start=start, num_proc=s.tokenize_procs, log=run.log)
+
+
 def logit_cache(run: Run) -> dict[str, Any]:
-    """The token streams (data/) and, with --topk, the teacher's top-k logits for the short stream + validation."""
+    """The trials' token streams (data/train_short, data/validation) and, with --topk, the teacher's top-k logits
+    for them. The winners' stream (data/train_full) waits for the distill stage: the trials do not read it."""
     s = run.settings
     teacher, tokenizer = run.teacher()
-    # The trials' stream first, then the winners' own: a winner continues from its trial's weights, so its full
-    # distillation must not see the trial's sequences again.
-    num_short = train_sequences(s, s.short_tokens)
-    num_train = num_short + train_sequences(s, s.full_tokens)
-    train = take_sequences(s.data, tokenizer, "train", s.seq_len, num_train, s.seed)  # [N, T]
-    val = take_sequences(s.data, tokenizer, "validation", s.seq_len, s.validation_sequences, s.seed)  # [V, T]
-    short = train[: train_sequences(s, s.short_tokens)]  # the trials' stream: what the logit cache covers
-    with atomic_directory(run.path("data"), overwrite=True) as tmp:
-        save_sequences(tmp / "train.safetensors", train)
-        save_sequences(tmp / "train_short.safetensors", short)
-        save_sequences(tmp / "train_full.safetensors", train[num_short:])  # the winners' stream
-        save_sequences(tmp / "validation.safetensors", val)
+    short = _write_tokens(run, "train_short", "train", train_sequences(s, s.short_tokens), tokenizer)
+    val = _write_tokens(run, "validation", "validation", s.validation_sequences, tokenizer)
     if s.topk <= 0:
         return {"topk": 0}
     # Trials read teacher targets for their training stream and their validation KL from here: no teacher needed.
-    build_logit_cache(teacher, torch.cat([short, val]), run.path("logit_cache"), s.topk, s.batch_size,
-                      tokenizer=tokenizer, overwrite=True)
-    return {"topk": s.topk, "num_sequences": int(short.shape[0] + val.shape[0])}
+    build_logit_cache(teacher, torch.cat([short.tensor(), val.tensor()]), run.path("logit_cache"), s.topk,
+                      s.batch_size, tokenizer=tokenizer, overwrite=True)
+    return {"topk": s.topk, "num_sequences": short.num_sequences + val.num_sequences}
+
+
+def write_full_stream(run: Run) -> TokenStream:
+    """data/train_full: the winners' stream, the train sequences right after the trials' (a winner continues from
+    its trial's weights, so it must not see the trial's sequences again), tokenized from where train_short ended."""
+    s = run.settings
+    short = run.tokens("train_short")
+    assert short.end is not None  # a stream directory records where it ended
+    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir))
+    return _write_tokens(run, "train_full", "train", train_sequences(s, s.full_tokens), tokenizer, start=short.end)
 
 
 # ---- trials --------------------------------------------------------------------------------------------------------
@@ -459,8 +469,8 @@ def _full_config(run: Run, params: int, where: _FullPlacement) -> DistillConfig:
 
 
 def _full_split(run: Run) -> str:
-    """The winners' token stream: the sequences after the trials' (run directories made before it existed: all)."""
-    return "train_full" if run.data_path("train_full").is_file() else "train"
+    """The winners' token stream: the sequences after the trials' (older run directories without it: all)."""
+    return "train" if run.legacy_data() and not run.data_path("train_full").is_file() else "train_full"
 
 
 def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tuple[DistillResult, DistillConfig]:
@@ -486,7 +496,8 @@ def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tup
                 for label in (name, f"winner-{row['rank']}"):  # tests inject a fault by arch name or by rank
                     fault_after_checkpoint(label, point.step)
 
-            result = distill(student, run.sequences(_full_split(run)), run.sequences("validation"), config,
+            result = distill(student, run.tokens(_full_split(run)).batches(config.batch_size),
+                             run.tokens("validation").tensor(), config,
                              teacher=teacher, checkpoint_dir=checkpoints, resume=run.resume, on_eval=on_eval)
             save_distilled(tmp, student, None, result, config=config, teacher=s.teacher,
                            student_source=row["path"], data=s.data)
@@ -526,6 +537,8 @@ def distill_winners(run: Run) -> dict[str, Any]:
         connect_ray(RayOptions(address=s.ray_address))
         check_cluster(where.workers, where.on_gpus, "--full-gpus" if where.on_gpus else "--full-workers")
     rows = run.winner_rows()
+    if not run.legacy_data() and not all(run.path(r["path"], RECORD_FILE).is_file() for r in rows):
+        write_full_stream(run)  # before the first winner needs it; a rerun continues after the shards written
     results = {}
     for row in rows:
         record = run.path(row["path"], RECORD_FILE)

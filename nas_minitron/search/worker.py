@@ -38,7 +38,6 @@ from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory, write_json_atomic
-from nas_minitron.data import load_sequences
 from nas_minitron.distill.checkpoint import latest_checkpoint
 from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint, NonFiniteLossError
 from nas_minitron.distill.logit_cache import LogitCache
@@ -62,6 +61,7 @@ from nas_minitron.search.protocol import (
     trial_scratch_dir,
     trial_weights_path,
 )
+from nas_minitron.tokens import open_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -198,7 +198,8 @@ def _distill(student: PreTrainedModel, spec: TrialSpec, teacher: PreTrainedModel
              **kwargs: Any) -> DistillResult:
     """The trainer on the spec's streams and logit cache (read by path, as every trial reads them)."""
     cache = LogitCache.open(spec.logit_cache_dir) if spec.logit_cache_dir else None
-    return distill(student, load_sequences(spec.train_path), load_sequences(spec.val_path), spec.distill,
+    return distill(student, open_tokens(spec.train_path).batches(spec.distill.batch_size),
+                   open_tokens(spec.val_path).tensor(), spec.distill,
                    teacher=teacher, logit_cache=cache, **kwargs)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,10 @@ def _stage(plan: Plan, name: str) -> StagePlan:
 def test_the_arithmetic_on_a_hand_checked_case() -> None:
     plan = make_plan(SearchSettings(**SMALL, gpus_per_trial=0.5), RESOLVED, [STUDENT])
     assert [s.stage for s in plan.stages] == list(STAGES)
-    # data/: int64 token files of 8 train + 8 short + 4 validation sequences of 32 tokens;
+    # data/: uint16 token streams (vocabulary 1000) of 8 short + 4 validation sequences of 32 tokens;
     # the cache: 12 sequences x 32 tokens x (int32 token + 16 x (fp16 log-prob + int32 id))
     cache = _stage(plan, "logit_cache")
-    assert cache.disk_bytes == 8 * 32 * (8 + 8 + 4) + 12 * 32 * (4 + 16 * 6) == 43_520
+    assert cache.disk_bytes == 2 * 32 * (8 + 4) + 12 * 32 * (4 + 16 * 6) == 39_168
     assert cache.tokens == 12 * 32
     # one GPU trial: CUDA context + 16 B/param + 4 layers x 64 tokens x 64 hidden x 34 B (bf16 activations)
     # + the top-k KD loss, 4 fp32 [64, 1000] tensors; 2 trials share a GPU at --gpus-per-trial 0.5
@@ -98,6 +99,19 @@ def test_the_embedded_default_fits_this_kind_of_machine() -> None:
     totals = plan.to_dict()["totals"]
     assert plan.fits and totals["gpu_bytes_per_device"] == 0
     assert totals["cpu_ram_bytes"] < 12 * GIB and totals["disk_bytes"] < 10 * GIB
+
+
+def test_token_streams_take_2_or_4_bytes_a_token_and_the_full_stream_is_the_distill_stages() -> None:
+    """2B full-distillation tokens of a 128k vocabulary: 8 GB of uint32 on disk in the distill stage, none in RAM."""
+    resolved = {**RESOLVED, "vocab_size": 128_256}
+    uint16 = make_plan(SearchSettings(**SMALL), RESOLVED, [STUDENT])
+    small = make_plan(SearchSettings(**SMALL), resolved, [STUDENT])
+    big = make_plan(SearchSettings(**{**SMALL, "full_tokens": 2_000_000_000}), resolved, [STUDENT])
+    assert _stage(small, "logit_cache").disk_bytes - _stage(uint16, "logit_cache").disk_bytes == 2 * 32 * (8 + 4)
+    assert _stage(big, "logit_cache").disk_bytes == _stage(small, "logit_cache").disk_bytes  # the trials' only
+    full_stream = 4 * 32 * math.ceil(2_000_000_000 / 32)
+    assert _stage(big, "distill").disk_bytes - _stage(small, "distill").disk_bytes == full_stream - 4 * 32 * 4
+    assert _stage(big, "distill").cpu_ram_bytes == _stage(small, "distill").cpu_ram_bytes
 
 
 def test_an_impossible_gpu_plan_names_the_numbers_and_what_would_fit() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import TINY_RUNG_ARGS, one_error_line, run_cli
+from cli_helpers import TINY_RUNG_ARGS, assert_streams_continue, one_error_line, run_cli
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -80,6 +80,7 @@ def test_rung_search_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     winners = rows(run_dir / "winners.csv")
     assert winners[0]["name"] == min(by_rung[2], key=lambda r: float(r["val_kl"]))["name"]
     assert winners[0]["source"] == "trial" and winners[0]["tokens_seen"] == "256"
+    assert_streams_continue(run_dir, full_tokens=128)
     model = AutoModelForCausalLM.from_pretrained(run_dir / winners[0]["path"])
     assert sum(p.numel() for p in model.parameters()) == int(winners[0]["params"])
     # lean: no rung checkpoint left, trial weights only for the winner, nothing in Ray's folders but its state

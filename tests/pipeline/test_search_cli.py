@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from cli_helpers import TINY_SEARCH_ARGS, search
+from cli_helpers import TINY_SEARCH_ARGS, assert_streams_continue, search
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -61,14 +60,7 @@ def test_search_end_to_end(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     kept = {p.name for p in (run_dir / "trial_results").iterdir() if p.is_dir()}
     assert kept <= {w["name"] for w in rows(run_dir / "winners.csv")}
     # the winners' stream follows the trials': a winner that continues from its trial never sees its data again
-    from nas_minitron.data import load_sequences
-
-    data = {name: load_sequences(run_dir / "data" / f"{name}.safetensors") for name in ("train", "train_short",
-                                                                                         "train_full")}
-    short = data["train_short"].shape[0]
-    assert torch.equal(data["train"][:short], data["train_short"]) and torch.equal(data["train"][short:],
-                                                                                   data["train_full"])
-    assert data["train_full"].numel() >= 128  # --full-tokens 128 of its own
+    assert_streams_continue(run_dir, full_tokens=128)
     # curves start at step 0 (the untrained ranking) and end at the last step
     curves = rows(run_dir / "trial_curves.csv")
     assert {c["step"] for c in curves} >= {"0", "4"}
