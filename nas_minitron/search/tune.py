@@ -84,14 +84,51 @@ def _shown(storage_url: str) -> str:
     return repr(f"{scheme}://{user.split(':')[0]}@{tail}")
 
 
+# Read by huggingface_hub, transformers and datasets on every node: caches, endpoint, offline mode, downloads.
+HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_DATASETS_CACHE",
+          "TRANSFORMERS_CACHE", "HF_ENDPOINT", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+          "HF_DATASETS_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_ETAG_TIMEOUT",
+          "HF_HUB_DOWNLOAD_TIMEOUT")
+# Secrets: never in the runtime_env (`_secret_hook` hands them over).
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
 def _worker_env() -> dict[str, str]:
-    """Environment variables the trial workers must see (read at import time by HF libraries)."""
-    keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "NAS_MINITRON_CACHE",
-            "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "PYTHONPATH")
+    """Environment variables the Ray workers must see (read at import time by HF libraries), secrets excepted.
+
+    They travel as the job's runtime_env `env_vars`, which Ray keeps in its GCS and shows in the dashboard, the
+    state API (`ray list jobs/actors/tasks --detail`) and its runtime-env logs: nothing secret may be among them."""
+    keys = (*HF_ENV, "NAS_MINITRON_CACHE", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k in keys or k.startswith("NAS_MINITRON_FAULT_")}
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def _secret_env() -> dict[str, str]:
+    """The driver's Hugging Face token, for the workers: HF_TOKEN / HUGGING_FACE_HUB_TOKEN as set, else the token
+    file `huggingface-cli login` wrote on this machine (other nodes may have none)."""
+    env = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    if not env and os.environ.get("HF_HUB_DISABLE_IMPLICIT_TOKEN", "").lower() not in ("1", "true", "yes"):
+        from huggingface_hub import get_token
+
+        token = get_token()
+        if token:
+            env["HF_TOKEN"] = token
+    return env
+
+
+def _secret_hook(secrets: dict[str, str]) -> Callable[[], None]:
+    """A `worker_process_setup_hook` that sets `secrets` in every worker process of the job before it runs anything.
+
+    Ray pickles the hook (with its closure) into its GCS key-value store, which neither the dashboard nor the state
+    API nor the logs show; the runtime_env holds only the hook's name and key. Tune trials, Ray Train workers and
+    plain tasks all run it: they are worker processes of this job."""
+
+    def nas_minitron_secrets() -> None:
+        os.environ.update(secrets)
+
+    return nas_minitron_secrets
 
 
 def _probe(address: str, timeout_s: float = 3.0) -> None:
@@ -109,12 +146,20 @@ def _probe(address: str, timeout_s: float = 3.0) -> None:
 
 
 def connect_ray(options: RayOptions) -> str | None:
-    """Start (or join) Ray; returns the dashboard URL when there is one. Local clusters bind to loopback only."""
+    """Start (or join) Ray; returns the dashboard URL when there is one. Local clusters bind to loopback only.
+
+    Every worker of the job gets the driver's HF cache, endpoint and offline variables (`_worker_env`, as the
+    runtime_env) and its Hugging Face token (`_secret_hook`, never in the runtime_env), so that a gated teacher loads
+    on every node."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported: below
     if ray.is_initialized():
         return None
-    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": _worker_env()}, log_to_driver=False)
+    runtime_env: dict[str, Any] = {"env_vars": _worker_env()}
+    secrets = _secret_env()
+    if secrets:
+        runtime_env["worker_process_setup_hook"] = _secret_hook(secrets)
+    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=False)
     if options.address:
         _probe(options.address)
         try:
