@@ -220,6 +220,7 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
             # checked again under the lock: another driver may have finished a stage since
             if _check_run_dir(run_dir, resume, settings) != new:
                 raise UserError(f"run directory {str(run_dir)!r} changed while this search started; rerun it.")
+            stages.check_shared_run_dir(run_dir, settings, log)  # before anything is written into it
             if new:
                 _create(settings, run_dir, resolved, plan)
             else:

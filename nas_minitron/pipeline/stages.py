@@ -50,8 +50,10 @@ from nas_minitron.search.records import load_records
 from nas_minitron.search.tune import (
     RayOptions,
     check_resources,
+    check_run_dir_shared,
     connect_ray,
     fatal_message,
+    num_alive_nodes,
     optuna_numbers,
     run_trials,
     study_storage_url,
@@ -77,7 +79,7 @@ else:
     transformers = lazy_import("transformers")
 
 __all__ = ["candidates", "distill_winners", "evaluate", "find_candidates", "importance", "logit_cache", "report",
-           "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most", "winners"]
+           "check_shared_run_dir", "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most", "winners"]
 
 DEFAULT_CPU_SPACE = "smollm2-135m-cpu"  # the embedded default's space: few depths keep importance short on CPU
 
@@ -117,6 +119,21 @@ def stop_ray() -> None:
     """Shut Ray down if this process started or joined it (never imports ray only to stop it)."""
     if "ray" in sys.modules:
         sys.modules["ray"].shutdown()
+
+
+_SHARED_CHECKED: set[Path] = set()  # run directories this process has seen from every node
+
+
+def check_shared_run_dir(run_dir: Path, s: SearchSettings, log: Callable[[str], None]) -> None:
+    """Once per process and run directory, with Ray connected: UserError unless every node sees `run_dir`
+    (`tune.check_run_dir_shared`). Skipped on the local single-node cluster the search starts itself (one node,
+    one filesystem); a joined cluster (--ray-address) is always checked, even with one node."""
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized() or run_dir.resolve() in _SHARED_CHECKED:
+        return
+    if s.ray_address is not None or num_alive_nodes() > 1:
+        nodes, wall_s = check_run_dir_shared(run_dir)
+        log(f"  run directory seen from all {nodes} Ray node(s) ({wall_s:.1f} s)")
+    _SHARED_CHECKED.add(run_dir.resolve())
 
 
 # ---- candidates ----------------------------------------------------------------------------------------------
@@ -541,6 +558,7 @@ def distill_winners(run: Run) -> dict[str, Any]:
     if not where.in_driver:
         connect_ray(RayOptions(address=s.ray_address))
         check_cluster(where.workers, where.on_gpus, "--full-gpus" if where.on_gpus else "--full-workers")
+        check_shared_run_dir(run.dir, s, run.log)  # the Ray Train workers write the winner there
     rows = run.winner_rows()
     results = {}
     for row in rows:

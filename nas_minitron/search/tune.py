@@ -8,11 +8,14 @@ per Ray trial.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +53,10 @@ else:
     searcher = lazy_import("nas_minitron.search.searcher")  # subclasses OptunaSearch: importing it loads ray
     callbacks = lazy_import("nas_minitron.search.callbacks")  # subclasses Tune's Callback: importing it loads ray
 
-__all__ = ["RayOptions", "check_resources", "connect_ray", "fatal_message", "finish_study", "largest_node_gpus",
-           "make_sampler", "optuna_numbers", "propose", "record_rung", "reopen_unfinished", "run_rung_trials",
-           "run_trials", "screening_study", "study_storage_url", "told_screen", "tpe_startup_trials", "trial_records"]
+__all__ = ["check_resources", "check_run_dir_shared", "connect_ray", "fatal_message", "finish_study",
+           "largest_node_gpus", "make_sampler", "num_alive_nodes", "optuna_numbers", "propose", "RayOptions",
+           "record_rung", "reopen_unfinished", "run_rung_trials", "run_trials", "screening_study",
+           "study_storage_url", "told_screen", "tpe_startup_trials", "trial_records"]
 
 STUDY_NAME = "nas-minitron"
 EXPERIMENT_NAME = "trials"
@@ -180,9 +184,77 @@ def connect_ray(options: RayOptions) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
+def num_alive_nodes() -> int:
+    """The alive nodes of the connected Ray cluster."""
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 def largest_node_gpus() -> float:
     """The GPUs of the connected cluster's largest live node: a trial runs on one node, so no more than that."""
     return max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+PROBE_DIR = ".probe"  # in the run directory, removed when the check ends
+
+
+def _visit(probe_dir: str, driver_note: str, node_id: str) -> str | None:
+    """On one node: write `node-<id>` into the probe folder and read the driver's note back; None when both worked,
+    else what failed."""
+    folder = Path(probe_dir)
+    try:
+        seen = (folder / "driver").read_text()
+    except OSError as err:
+        return f"cannot read the driver's probe file: {err.strerror or err}"
+    if seen != driver_note:
+        return "reads another directory at that path (the driver's probe file differs)"
+    try:
+        (folder / f"node-{node_id}").write_text(node_id)
+    except OSError as err:
+        return f"cannot write into it: {err.strerror or err}"
+    return None
+
+
+def check_run_dir_shared(run_dir: str | os.PathLike[str], *, timeout_s: float = 120.0,
+                         task_dirs: dict[str, str] | None = None) -> tuple[int, float]:
+    """UserError unless every alive node of the connected Ray cluster sees `run_dir` as the driver does: one
+    zero-CPU task per node (pinned to it) reads a file the driver wrote under `run_dir/.probe/` and writes one
+    back, which the driver must then read. Returns (nodes checked, wall seconds); the probe files are removed.
+
+    Trials, checkpoints and the winners' Ray Train jobs write into the run directory from whatever node runs them:
+    without a filesystem shared at the same path, their results would land on that node's disk, unseen.
+    `task_dirs` (node id -> folder), for tests only, sends a node's task elsewhere, as a node without the mount.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    start = time.perf_counter()
+    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    folder = Path(run_dir).resolve() / PROBE_DIR / uuid.uuid4().hex[:12]
+    note = uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        (folder / "driver").write_text(note)
+        visit = ray.remote(num_cpus=0, max_retries=0)(_visit)
+        refs = {node: visit.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            (task_dirs or {}).get(node, str(folder)), note, node) for node in nodes}
+        try:
+            answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(f"checking that every Ray node sees the run directory {str(folder.parent.parent)!r} "
+                            f"took over {timeout_s:.0f} s (a node without free workers?); retry, or check the "
+                            f"cluster with `ray status`.") from None
+        for node, ip in nodes.items():
+            problem = answers[node] or (None if (folder / f"node-{node}").is_file()
+                                        else "its file written there never appeared in the driver's directory")
+            if problem:
+                raise UserError(
+                    f"Ray node {node[:12]} ({ip}) does not see the run directory {str(folder.parent.parent)!r}: "
+                    f"{problem}; mount one shared filesystem (NFS, Lustre, ...) at the same path on every node "
+                    f"and pass a --run-dir on it.")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # only when no other probe is running
+    return len(nodes), time.perf_counter() - start
 
 
 def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial_bytes: int) -> None:

@@ -58,3 +58,37 @@ def test_workers_get_the_token_but_ray_records_never_hold_it(local_ray: None) ->
     leaked = [p for p in session.rglob("*") if p.is_file() and p.stat().st_size < 2**26
               and SECRET.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_every_node_must_see_the_run_directory(tmp_path: Path) -> None:
+    """Two nodes on this machine: both see the run directory; one told to look elsewhere (a node without the
+    shared mount) is named, with the path and the fix; no probe file is left either way."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from nas_minitron.errors import UserError
+    from nas_minitron.search.tune import PROBE_DIR, check_run_dir_shared
+
+    loopback: dict[str, Any] = {"node_ip_address": "127.0.0.1", "num_cpus": 1}
+    cluster = Cluster(initialize_head=True, head_node_args={**loopback, "include_dashboard": False})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    try:
+        cluster.add_node(**loopback)
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        assert check_run_dir_shared(run_dir)[0] == 2
+        assert not (run_dir / PROBE_DIR).exists()
+        other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != cluster.head_node.node_id)
+        elsewhere = tmp_path / "node-local-disk"
+        elsewhere.mkdir()
+        with pytest.raises(UserError) as refused:
+            check_run_dir_shared(run_dir, task_dirs={other: str(elsewhere)})
+        message = str(refused.value)
+        assert f"Ray node {other[:12]} (127.0.0.1) does not see the run directory {str(run_dir.resolve())!r}" \
+            in message and "cannot read the driver's probe file" in message
+        assert "shared filesystem" in message and "same path on every node" in message
+        assert not (run_dir / PROBE_DIR).exists() and not any(elsewhere.iterdir())
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
