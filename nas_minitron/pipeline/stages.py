@@ -87,7 +87,7 @@ DEFAULT_CPU_SPACE = "smollm2-135m-cpu"  # the embedded default's space: few dept
 # ---- pre-flight: everything that can refuse the run before it writes or computes anything ------------------------
 def find_candidates(s: SearchSettings, budget_params: int) -> tuple[SearchSpace, dict[str, Any], list[Candidate]]:
     """(space, teacher config, candidates); UserError for an unreachable budget or an empty window."""
-    teacher_config = load_teacher_config(s.teacher, s.cache_dir)
+    teacher_config = load_teacher_config(s.teacher, s.cache_dir, revision=s.teacher_revision)
     name = s.space or (DEFAULT_CPU_SPACE if s.teacher == DEFAULT_TEACHER else None)
     space = load_space(name, teacher_config) if name else default_space(teacher_config)
     return space, teacher_config, enumerate_candidates(space, teacher_config, budget_params, s.tolerance,
@@ -234,7 +234,7 @@ def trial_spec(run: Run) -> TrialSpec:
     s = run.settings
     return TrialSpec(
         run_dir=str(run.dir.resolve()),
-        teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir),
+        teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision),
         importance_dir=str(run.path("importance").resolve()),
         train_path=str(run.data_path("train_short").resolve()),
         val_path=str(run.data_path("validation").resolve()),
@@ -527,7 +527,8 @@ def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tup
             result = distill_ray(folder, run.data_path(_full_split(run)), run.data_path("validation"), config,
                                  storage_path=run.path("ray_train"), num_workers=where.workers,
                                  use_gpu=where.on_gpus, strategy=where.strategy,
-                                 teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir), out_dir=tmp,
+                                 teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision),
+                                 out_dir=tmp,
                                  checkpoint_dir=checkpoints, resume=run.resume, name=name,
                                  threads_per_worker=max(1, s.cpus_per_trial))
             for point in result.curve:

@@ -9,6 +9,7 @@ per Ray trial.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -37,8 +38,10 @@ from nas_minitron.search.protocol import (
 from nas_minitron.search.records import carry_checkpoints, load_records, save_record, trial_status
 from nas_minitron.search.winners import finite_objectives
 from nas_minitron.search.worker import run_candidate
+from nas_minitron.teacher import local_teacher_dir
 
 if TYPE_CHECKING:
+    import huggingface_hub
     import optuna
     import ray
     from ray import tune
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 
     from nas_minitron.search import callbacks, searcher
 else:
+    huggingface_hub = lazy_import("huggingface_hub")
     optuna = lazy_import("optuna")
     ray = lazy_import("ray")
     tune = lazy_import("ray.tune")
@@ -114,9 +118,7 @@ def _secret_env() -> dict[str, str]:
     file `huggingface-cli login` wrote on this machine (other nodes may have none)."""
     env = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
     if not env and os.environ.get("HF_HUB_DISABLE_IMPLICIT_TOKEN", "").lower() not in ("1", "true", "yes"):
-        from huggingface_hub import get_token
-
-        token = get_token()
+        token = huggingface_hub.get_token()
         if token:
             env["HF_TOKEN"] = token
     return env
@@ -281,6 +283,13 @@ def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial
         )
 
 
+def _on_this_node(spec: TrialSpec) -> TrialSpec:
+    """The spec with a teacher this node can read: a hub teacher's snapshot folder (the driver's HF cache) is
+    fetched at the same commit into this node's cache when the node does not share it (`local_teacher_dir`)."""
+    here = local_teacher_dir(spec.teacher_dir)
+    return spec if here == spec.teacher_dir else dataclasses.replace(spec, teacher_dir=here)
+
+
 def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     """One Ray trial: prune and briefly distill the candidate the config names; report as it goes.
 
@@ -294,6 +303,7 @@ def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_id = str(tune.get_context().get_trial_id() or "")
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]  # Ray set CUDA_VISIBLE_DEVICES to these
+    spec = _on_this_node(spec)
     resume = tune.get_checkpoint()
     if resume is None:
         carried = trial_resume_dir(spec.run_dir, config["arch"])
@@ -537,6 +547,7 @@ def _rung_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_id = str(tune.get_context().get_trial_id() or "")
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+    spec = _on_this_node(spec)
     for arch in config.get("archs") or [config["arch"]]:  # rung 0 screens a batch of candidates per trial
         if not run_rung(arch, spec, int(config["rung"]), int(config["tokens"]), report, trial_id=trial_id,
                         gpu_ids=gpu_ids):
