@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +29,17 @@ from nas_minitron.errors import UserError
 from nas_minitron.families import get_family
 
 if TYPE_CHECKING:
+    import huggingface_hub
     import safetensors
     import torch
     import transformers
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import errors as hf_errors
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 else:
+    huggingface_hub = lazy_import("huggingface_hub")
+    hf_constants = lazy_import("huggingface_hub.constants")
+    hf_errors = lazy_import("huggingface_hub.errors")
     safetensors = lazy_import("safetensors")
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
@@ -43,8 +50,10 @@ __all__ = [
     "load_teacher",
     "load_teacher_config",
     "load_teacher_tokenizer",
+    "local_teacher_dir",
     "read_teacher_config",
     "resolve_teacher_dir",
+    "teacher_pin",
     "tokenizer_fingerprint",
     "weights_fingerprint",
     "weights_fingerprint_of_dir",
@@ -104,17 +113,28 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         (tmp / "nas_minitron_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}, indent=2))
 
 
-def resolve_teacher_dir(spec: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """A `from_pretrained`-able location for `spec`: a local directory (converting GGUF once) or a hub id."""
-    gguf: Path | None = None
-    alias: str | None = None
+def _local_source(spec: str) -> tuple[Path | None, str | None]:
+    """(GGUF file, embedded alias) of a GGUF teacher, else (None, None)."""
     if spec.lower() in _EMBEDDED:
-        alias = spec.lower()
-        gguf = _embedded_gguf(alias)
-    elif spec.endswith(".gguf"):
+        return _embedded_gguf(spec.lower()), spec.lower()
+    if spec.endswith(".gguf"):
         gguf = Path(spec).expanduser()
         if not gguf.is_file():
             raise UserError(f"teacher GGUF file {spec!r} does not exist.")
+        return gguf, None
+    return None, None
+
+
+def _hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists()
+
+
+def resolve_teacher_dir(spec: str, cache_dir: str | os.PathLike[str] | None = None, revision: str | None = None,
+                        weights: bool = True) -> str:
+    """A `from_pretrained`-able local directory for `spec`: a local directory, a GGUF converted once, or the HF
+    cache's snapshot folder of a hub id at `revision` (default: main), pinned to one commit for this process
+    (`_hub_snapshot`; downloads its config and tokenizer files, and its weights when `weights`)."""
+    gguf, alias = _local_source(spec)
     if gguf is not None:
         out = _gguf_cache_dir(gguf, cache_root(cache_dir), alias)
         if not (out / "config.json").is_file():
@@ -128,12 +148,92 @@ def resolve_teacher_dir(spec: str, cache_dir: str | os.PathLike[str] | None = No
     if path.exists():
         raise UserError(f"teacher {spec!r} is a file but not a .gguf; expected a model directory, a .gguf file, "
                         f"a hub id or {', '.join(_EMBEDDED)}.")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return spec  # a hub id; from_pretrained resolves it (offline: only if already in the HF cache)
+    if _hub_id(spec):
+        return _hub_snapshot(spec, revision, weights)
     raise UserError(
         f"teacher {spec!r} not found: expected a local model directory, a .gguf file, a hub id like org/name, "
         f"or the embedded default {DEFAULT_TEACHER!r}."
     )
+
+
+# ---- hub teachers: one commit per process, its snapshot folder in the HF cache --------------------------------
+_PINNED: dict[tuple[str, str | None], str] = {}  # (hub id, revision asked) -> the commit it resolved to
+_CONFIG_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.py", "tokenizer*"]
+_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<sha>[0-9a-f]{40})/?$")
+
+
+def _hub_snapshot(repo: str, revision: str | None, weights: bool) -> str:
+    """The snapshot folder of `repo` at `revision` in the HF cache (huggingface_hub's `snapshot_download`), named
+    after its commit. Online, the revision is resolved to its commit once per process, so that every later load
+    (and every trial, handed this folder) reads that commit even if the branch moves; offline, the cache's own
+    `refs/<revision>` (or the commit folder) decides. Weights: the safetensors files (else the .bin ones); never
+    the duplicates repos carry (original/, .pth, .gguf)."""
+    sha = _PINNED.get((repo, revision))
+    patterns = list(_CONFIG_FILES)
+    try:
+        if hf_constants.is_offline_mode():
+            patterns += ["*.safetensors", "*.bin"] if weights else []  # only what the cache holds is found
+        else:
+            info = huggingface_hub.HfApi().model_info(repo, revision=sha or revision)
+            sha = sha or info.sha
+            files = [f.rfilename for f in info.siblings or []]
+            safetensors_files = any(f.endswith(".safetensors") for f in files)
+            patterns += (["*.safetensors"] if safetensors_files else ["*.bin"]) if weights else []
+        folder = huggingface_hub.snapshot_download(repo, revision=sha or revision, allow_patterns=patterns,
+                                   ignore_patterns=["original/*", "*.pth", "*.gguf"])
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled,
+            OSError) as err:
+        where = "in the local HF cache (offline)" if hf_constants.is_offline_mode() else "on the hub"
+        raise UserError(f"teacher {repo!r} at revision {revision or 'main'!r} is not available {where}: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__} (a gated model needs "
+                        f"HF_TOKEN or `huggingface-cli login`; offline, download it first).") from None
+    _PINNED[(repo, revision)] = Path(folder).name
+    return str(folder)
+
+
+def local_teacher_dir(teacher_dir: str) -> str:
+    """`teacher_dir` as this node can read it: itself when it exists here, else, for a hub snapshot folder another
+    node resolved (`.../models--org--name/snapshots/<commit>`), the same commit fetched into this node's HF cache.
+    Trials and Ray Train workers call it: a node need not share the driver's HF cache."""
+    match = _SNAPSHOT.search(teacher_dir)
+    if Path(teacher_dir).exists() or match is None:
+        return teacher_dir
+    return _hub_snapshot(f"{match['org']}/{match['name']}", match["sha"], weights=True)
+
+
+def teacher_pin(spec: str, cache_dir: str | os.PathLike[str] | None = None,
+                revision: str | None = None) -> dict[str, str]:
+    """What pins the teacher, for config.json; a resume compares `id`. Hub id: its commit (`resolved_by` says
+    whether the hub or, offline, the local HF cache resolved it); GGUF (the embedded default too) and local
+    directory: a fingerprint of the files (`_files_fingerprint`: names, sizes, first and last 64 KiB)."""
+    gguf, alias = _local_source(spec)
+    if gguf is not None:
+        return {"kind": "gguf", "source": alias or str(gguf.resolve()), "id": f"gguf:{_files_fingerprint([gguf])}"}
+    if _hub_id(spec):
+        sha = Path(_hub_snapshot(spec, revision, weights=False)).name
+        how = "the local HF cache (offline: its snapshot of that revision)" if hf_constants.is_offline_mode() \
+            else "the hub"
+        return {"kind": "hub", "repo": spec, "requested": revision or "main", "revision": sha, "resolved_by": how,
+                "id": f"{spec}@{sha}"}
+    folder = Path(resolve_teacher_dir(spec, cache_dir))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.suffix in (".json", ".safetensors", ".bin", ".model", ".tiktoken", ".txt") or p.name.startswith("tokenizer")))
+    return {"kind": "dir", "path": str(folder.resolve()), "files": str(len(files)),
+            "id": f"files:{_files_fingerprint(files)}"}
+
+
+def _files_fingerprint(files: Iterable[Path], window: int = 2**16) -> str:
+    """A short hash of each file's name, size, first and last `window` bytes: a changed config, tokenizer or weight
+    file (a safetensors header holds every tensor's name, shape and offsets) changes it, without a full read."""
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(window))
+            handle.seek(max(0, size - window))
+            digest.update(handle.read(window))
+    return digest.hexdigest()[:16]
 
 
 def read_teacher_config(where: str, trust_remote_code: bool = False, what: str = "teacher config") -> dict[str, Any]:
@@ -147,13 +247,14 @@ def read_teacher_config(where: str, trust_remote_code: bool = False, what: str =
 
 
 def load_teacher_config(
-    spec: str, cache_dir: str | os.PathLike[str] | None = None, trust_remote_code: bool = False
+    spec: str, cache_dir: str | os.PathLike[str] | None = None, trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """The teacher's full config as a dict (no weights), after checking that its family is supported.
 
     A missing teacher fails in `resolve_teacher_dir`, before transformers is imported.
     """
-    where = resolve_teacher_dir(spec, cache_dir)
+    where = resolve_teacher_dir(spec, cache_dir, revision, weights=False)
     return read_teacher_config(where, trust_remote_code, "teacher config")
 
 
@@ -173,12 +274,13 @@ def load_teacher(
     device: str = "cpu",
     trust_remote_code: bool = False,
     what: str = "teacher",
+    revision: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a supported teacher and its tokenizer in eval mode; UserError naming the file when a weight file is
     corrupt or truncated, or naming the tensor when one holds NaN/Inf (one pass over the weights after loading).
     `what` names the model in those messages."""
-    load_teacher_config(spec, cache_dir, trust_remote_code)  # refuses unsupported families before the weights
-    where = resolve_teacher_dir(spec, cache_dir)
+    load_teacher_config(spec, cache_dir, trust_remote_code, revision)  # unsupported families before the weights
+    where = resolve_teacher_dir(spec, cache_dir, revision)
     model, tokenizer = load_pretrained(where, what, dtype=dtype, trust_remote_code=trust_remote_code, hint=_FIX_TEACHER)
     model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     model.eval()

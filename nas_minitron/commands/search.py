@@ -25,6 +25,7 @@ __all__ = ["register"]
 _FLAGS: dict[str, tuple[str, type]] = {
     "--budget": ("budget", str),
     "--teacher": ("teacher", str),
+    "--teacher-revision": ("teacher_revision", str),
     "--data": ("data", str),
     "--space": ("space", str),
     "--tolerance": ("tolerance", float),

@@ -40,6 +40,7 @@ from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.result import RECORD_FILE, save_distilled
 from nas_minitron.distill.trainer import distill
 from nas_minitron.errors import UserError
+from nas_minitron.teacher import local_teacher_dir
 from nas_minitron.tokens import open_tokens
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ def _models(loop: dict[str, Any], device: torch.device) -> tuple[PreTrainedModel
     if not loop["teacher_dir"]:
         return model, None
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32  # frozen: no master weights needed
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(loop["teacher_dir"], dtype=dtype)
+    # a hub teacher's snapshot folder at its pinned commit, fetched into this node's HF cache if not shared
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(local_teacher_dir(loop["teacher_dir"]), dtype=dtype)
     teacher.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     teacher.requires_grad_(False)
     return model, teacher

@@ -99,11 +99,11 @@ def check_reused(s: SearchSettings, resolved: Mapping[str, Any], depths: Iterabl
     assert s.importance is not None
     directory = Path(s.importance).expanduser()
     scores = ImportanceScores.load(directory)  # not a directory of scores, damaged or altered: refused here
-    where = resolve_teacher_dir(s.teacher, s.cache_dir)
+    where = resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision)
     tokenizer = load_teacher_tokenizer(where)
     fingerprint = weights_fingerprint_of_dir(where)
     if fingerprint is None:  # a hub id, or files named otherwise than the model's tensors: only loading says
-        fingerprint = weights_fingerprint(load_teacher(s.teacher, s.cache_dir)[0])
+        fingerprint = weights_fingerprint(load_teacher(s.teacher, s.cache_dir, revision=s.teacher_revision)[0])
     expected = {"teacher_arch": resolved["teacher_arch"], "weights_fingerprint": fingerprint,
                 "data_fingerprint": provenance(s, tokenizer)["data_fingerprint"]}
     found = scores.meta

@@ -178,7 +178,8 @@ class Run:
     def teacher(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The teacher and tokenizer, loaded once per driver process (again after `release_teacher`)."""
         if self._teacher is None:
-            self._teacher = load_teacher(self.settings.teacher, self.settings.cache_dir, device=self.device())
+            self._teacher = load_teacher(self.settings.teacher, self.settings.cache_dir, device=self.device(),
+                                         revision=self.settings.teacher_revision)
         return self._teacher
 
     def release_teacher(self) -> bool:

@@ -24,7 +24,7 @@ from nas_minitron.pipeline import halving_stage, importance_stage, stages
 from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
 from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, differences, train_sequences
-from nas_minitron.teacher import load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir
+from nas_minitron.teacher import load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir, teacher_pin
 
 __all__ = ["plan_search", "run_search"]
 
@@ -71,7 +71,7 @@ def _check_run_dir(run_dir: Path, resume: bool, settings: SearchSettings) -> boo
 def _resolve(settings: SearchSettings) -> dict[str, Any]:
     """The settings plus what they resolve to for this teacher (config.json); pre-flight checks that need it."""
     budget = Budget.parse(settings.budget)
-    teacher_config = load_teacher_config(settings.teacher, settings.cache_dir)
+    teacher_config = load_teacher_config(settings.teacher, settings.cache_dir, revision=settings.teacher_revision)
     family, arch = describe(teacher_config)
     teacher_params = count_params(arch, family.invariants_from_config(teacher_config))
     max_positions = teacher_config.get("max_position_embeddings")
@@ -82,7 +82,24 @@ def _resolve(settings: SearchSettings) -> dict[str, Any]:
                                 f"valid: {low}..{max_positions}.")
     return {**settings.to_dict(), "budget_params": budget.resolve(teacher_params),
             "teacher_params": teacher_params, "teacher_arch": arch.name, "head_dim": arch.head_dim,
-            "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"])}
+            "model_type": family.model_type, "vocab_size": int(teacher_config["vocab_size"]),
+            "teacher_pin": teacher_pin(settings.teacher, settings.cache_dir, settings.teacher_revision)}
+
+
+def _check_pin(run_dir: Path, resolved: dict[str, Any], new: bool) -> None:
+    """On --resume: UserError when the teacher is not the one the run began with (config.json's `teacher_pin`; a
+    run directory from before pins existed has none and is pinned from now on)."""
+    if new:
+        return
+    saved = json.loads((run_dir / "config.json").read_text()).get("teacher_pin")
+    pin = resolved["teacher_pin"]
+    if saved is None or saved.get("id") == pin["id"]:
+        return
+    fix = (f"pass --teacher-revision {saved['revision']} to resume with the commit it began with"
+           if saved.get("kind") == "hub" and pin.get("kind") == "hub" else
+           "restore the teacher's files the run began with, or start the search again in a new --run-dir")
+    raise UserError(f"--resume: the teacher changed since {str(run_dir)!r} began: it was pinned to {saved['id']!r} "
+                    f"and is now {pin['id']!r}; {fix}.")
 
 
 def _check_scratch_dir(scratch_dir: str | None) -> None:
@@ -135,7 +152,7 @@ def _check_data(settings: SearchSettings, run_dir: Path, to_run: tuple[str, ...]
     ) if stage in to_run and stage not in done and not (stage == "importance" and s.importance is not None)]
     if not needs:
         return
-    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir))
+    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision, weights=False))
     for split, count, seq_len, why, flag in needs:
         found = sum(1 for _ in itertools.islice(iter_sequences(s.data, tokenizer, split, seq_len, s.seed), count))
         if found < count:
@@ -189,6 +206,7 @@ def plan_search(settings: SearchSettings, run_dir: Path, resume: bool, stop_afte
     to_run = _stages_to_run(stop_after)
     new = _check_run_dir(run_dir, resume, settings)
     resolved = _resolve(settings)
+    _check_pin(run_dir, resolved, new)
     _preflight(settings, resolved, run_dir, new, to_run)
     return _plan(settings, resolved, run_dir, to_run)
 
@@ -212,6 +230,7 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
     to_run = _stages_to_run(stop_after)
     new = _check_run_dir(run_dir, resume, settings)
     resolved = _resolve(settings)
+    _check_pin(run_dir, resolved, new)
     _preflight(settings, resolved, run_dir, new, to_run)
     plan = _plan(settings, resolved, run_dir, to_run)
     _refuse_unfit(plan)  # before Ray and before the run directory exists
@@ -232,6 +251,7 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
             # checked again under the lock: another driver may have finished a stage since
             if _check_run_dir(run_dir, resume, settings) != new:
                 raise UserError(f"run directory {str(run_dir)!r} changed while this search started; rerun it.")
+            stages.check_shared_run_dir(run_dir, settings, log)  # before anything is written into it
             if new:
                 _create(settings, run_dir, resolved, plan)
             else:

@@ -24,7 +24,8 @@ from nas_minitron.errors import UserError
 from nas_minitron.search.protocol import SAMPLERS
 from nas_minitron.search.winners import OBJECTIVES
 
-__all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "calibration_seq_len", "differences",
+__all__ = ["LATE_KEYS", "NONE_WORDS", "PINNED_KEYS", "RUNTIME_KEYS", "SearchSettings", "calibration_seq_len",
+           "differences",
            "full_distill_workers", "optional_setting", "resolve_settings", "train_sequences"]
 
 
@@ -32,6 +33,9 @@ __all__ = ["LATE_KEYS", "NONE_WORDS", "RUNTIME_KEYS", "SearchSettings", "calibra
 class SearchSettings:
     teacher: str = "smollm2-135m"
     """teacher: local HF directory, .gguf file, hub id, or the embedded default"""
+    teacher_revision: str | None = None
+    """branch, tag or commit of a hub teacher (default: main); config.json's teacher_pin records the commit it
+    resolved to (or the files' fingerprint of a local teacher), and --resume refuses a teacher whose pin changed"""
     budget: str = "0.5x"
     """parameter budget: 4B, 4.5e9, 500M, 90M, or a fraction of the teacher like 0.5x"""
     data: str = "builtin"
@@ -154,6 +158,9 @@ class SearchSettings:
 # study there is the search's memory: another storage would hold none of it).
 RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "cache_dir", "scratch_dir",
                           "checkpoint_minutes", "gpu_memory_gib", "verify", "tokenize_procs"})
+# Keys a resume compares through what they resolve to, config.json's `teacher_pin` (runner._check_pin): a branch
+# given as its commit, or the other way round, is the same teacher.
+PINNED_KEYS = frozenset({"teacher_revision"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
 LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
@@ -332,7 +339,7 @@ def differences(saved: Mapping[str, Any], current: SearchSettings, finished: Col
     not derived keys, and not a `LATE_KEYS` setting whose stage is not in `finished` yet."""
     now = json.loads(json.dumps(current.to_dict()))
     late = {key for key, stage in LATE_KEYS.items() if stage not in finished}
-    keys = sorted(set(now) - RUNTIME_KEYS - late)
+    keys = sorted(set(now) - RUNTIME_KEYS - PINNED_KEYS - late)
     defaults = json.loads(json.dumps(SearchSettings().to_dict()))
 
     def old(key: str) -> Any:  # a setting added after the run directory was made: what that run did

@@ -48,8 +48,10 @@ from nas_minitron.search.records import load_records
 from nas_minitron.search.tune import (
     RayOptions,
     check_resources,
+    check_run_dir_shared,
     connect_ray,
     fatal_message,
+    num_alive_nodes,
     optuna_numbers,
     run_trials,
     study_storage_url,
@@ -75,8 +77,8 @@ else:
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
 
-__all__ = ["candidates", "distill_winners", "evaluate", "find_candidates", "logit_cache", "report",
-           "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most", "winners"]
+__all__ = ["check_shared_run_dir", "candidates", "distill_winners", "evaluate", "find_candidates", "logit_cache",
+           "report", "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most", "winners"]
 
 DEFAULT_CPU_SPACE = "smollm2-135m-cpu"  # the embedded default's space: few depths keep importance short on CPU
 
@@ -84,7 +86,7 @@ DEFAULT_CPU_SPACE = "smollm2-135m-cpu"  # the embedded default's space: few dept
 # ---- pre-flight: everything that can refuse the run before it writes or computes anything ------------------------
 def find_candidates(s: SearchSettings, budget_params: int) -> tuple[SearchSpace, dict[str, Any], list[Candidate]]:
     """(space, teacher config, candidates); UserError for an unreachable budget or an empty window."""
-    teacher_config = load_teacher_config(s.teacher, s.cache_dir)
+    teacher_config = load_teacher_config(s.teacher, s.cache_dir, revision=s.teacher_revision)
     name = s.space or (DEFAULT_CPU_SPACE if s.teacher == DEFAULT_TEACHER else None)
     space = load_space(name, teacher_config) if name else default_space(teacher_config)
     return space, teacher_config, enumerate_candidates(space, teacher_config, budget_params, s.tolerance,
@@ -116,6 +118,21 @@ def stop_ray() -> None:
     """Shut Ray down if this process started or joined it (never imports ray only to stop it)."""
     if "ray" in sys.modules:
         sys.modules["ray"].shutdown()
+
+
+_SHARED_CHECKED: set[Path] = set()  # run directories this process has seen from every node
+
+
+def check_shared_run_dir(run_dir: Path, s: SearchSettings, log: Callable[[str], None]) -> None:
+    """Once per process and run directory, with Ray connected: UserError unless every node sees `run_dir`
+    (`tune.check_run_dir_shared`). Skipped on the local single-node cluster the search starts itself (one node,
+    one filesystem); a joined cluster (--ray-address) is always checked, even with one node."""
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized() or run_dir.resolve() in _SHARED_CHECKED:
+        return
+    if s.ray_address is not None or num_alive_nodes() > 1:
+        nodes, wall_s = check_run_dir_shared(run_dir)
+        log(f"  run directory seen from all {nodes} Ray node(s) ({wall_s:.1f} s)")
+    _SHARED_CHECKED.add(run_dir.resolve())
 
 
 # ---- candidates ----------------------------------------------------------------------------------------------
@@ -172,7 +189,7 @@ def write_full_stream(run: Run) -> TokenStream:
     s = run.settings
     short = run.tokens("train_short")
     assert short.end is not None  # a stream directory records where it ended
-    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir))
+    tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision, weights=False))
     return _write_tokens(run, "train_full", "train", train_sequences(s, s.full_tokens), tokenizer, start=short.end)
 
 
@@ -211,7 +228,7 @@ def trial_spec(run: Run) -> TrialSpec:
     s = run.settings
     return TrialSpec(
         run_dir=str(run.dir.resolve()),
-        teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir),
+        teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision),
         importance_dir=str(run.path("importance").resolve()),
         train_path=str(run.data_path("train_short").resolve()),
         val_path=str(run.data_path("validation").resolve()),
@@ -505,7 +522,8 @@ def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tup
             result = distill_ray(folder, run.data_path(_full_split(run)), run.data_path("validation"), config,
                                  storage_path=run.path("ray_train"), num_workers=where.workers,
                                  use_gpu=where.on_gpus, strategy=where.strategy,
-                                 teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir), out_dir=tmp,
+                                 teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision),
+                                 out_dir=tmp,
                                  checkpoint_dir=checkpoints, resume=run.resume, name=name,
                                  threads_per_worker=max(1, s.cpus_per_trial))
             for point in result.curve:
@@ -536,6 +554,7 @@ def distill_winners(run: Run) -> dict[str, Any]:
     if not where.in_driver:
         connect_ray(RayOptions(address=s.ray_address))
         check_cluster(where.workers, where.on_gpus, "--full-gpus" if where.on_gpus else "--full-workers")
+        check_shared_run_dir(run.dir, s, run.log)  # the Ray Train workers write the winner there
     rows = run.winner_rows()
     if not run.legacy_data() and not all(run.path(r["path"], RECORD_FILE).is_file() for r in rows):
         write_full_stream(run)  # before the first winner needs it; a rerun continues after the shards written

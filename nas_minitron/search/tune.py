@@ -8,11 +8,15 @@ per Ray trial.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import shutil
 import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +38,10 @@ from nas_minitron.search.protocol import (
 from nas_minitron.search.records import carry_checkpoints, load_records, save_record, trial_status
 from nas_minitron.search.winners import finite_objectives
 from nas_minitron.search.worker import run_candidate
+from nas_minitron.teacher import local_teacher_dir
 
 if TYPE_CHECKING:
+    import huggingface_hub
     import optuna
     import ray
     from ray import tune
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
 
     from nas_minitron.search import callbacks, searcher
 else:
+    huggingface_hub = lazy_import("huggingface_hub")
     optuna = lazy_import("optuna")
     ray = lazy_import("ray")
     tune = lazy_import("ray.tune")
@@ -50,9 +57,10 @@ else:
     searcher = lazy_import("nas_minitron.search.searcher")  # subclasses OptunaSearch: importing it loads ray
     callbacks = lazy_import("nas_minitron.search.callbacks")  # subclasses Tune's Callback: importing it loads ray
 
-__all__ = ["RayOptions", "check_resources", "connect_ray", "fatal_message", "finish_study", "largest_node_gpus",
-           "make_sampler", "optuna_numbers", "propose", "record_rung", "reopen_unfinished", "run_rung_trials",
-           "run_trials", "screening_study", "study_storage_url", "told_screen", "tpe_startup_trials", "trial_records"]
+__all__ = ["check_resources", "check_run_dir_shared", "connect_ray", "fatal_message", "finish_study",
+           "largest_node_gpus", "make_sampler", "num_alive_nodes", "optuna_numbers", "propose", "RayOptions",
+           "record_rung", "reopen_unfinished", "run_rung_trials", "run_trials", "screening_study",
+           "study_storage_url", "told_screen", "tpe_startup_trials", "trial_records"]
 
 STUDY_NAME = "nas-minitron"
 EXPERIMENT_NAME = "trials"
@@ -84,14 +92,49 @@ def _shown(storage_url: str) -> str:
     return repr(f"{scheme}://{user.split(':')[0]}@{tail}")
 
 
+# Read by huggingface_hub, transformers and datasets on every node: caches, endpoint, offline mode, downloads.
+HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_DATASETS_CACHE",
+          "TRANSFORMERS_CACHE", "HF_ENDPOINT", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+          "HF_DATASETS_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_ETAG_TIMEOUT",
+          "HF_HUB_DOWNLOAD_TIMEOUT")
+# Secrets: never in the runtime_env (`_secret_hook` hands them over).
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
 def _worker_env() -> dict[str, str]:
-    """Environment variables the trial workers must see (read at import time by HF libraries)."""
-    keys = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "NAS_MINITRON_CACHE",
-            "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "PYTHONPATH")
+    """Environment variables the Ray workers must see (read at import time by HF libraries), secrets excepted.
+
+    They travel as the job's runtime_env `env_vars`, which Ray keeps in its GCS and shows in the dashboard, the
+    state API (`ray list jobs/actors/tasks --detail`) and its runtime-env logs: nothing secret may be among them."""
+    keys = (*HF_ENV, "NAS_MINITRON_CACHE", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k in keys or k.startswith("NAS_MINITRON_FAULT_")}
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def _secret_env() -> dict[str, str]:
+    """The driver's Hugging Face token, for the workers: HF_TOKEN / HUGGING_FACE_HUB_TOKEN as set, else the token
+    file `huggingface-cli login` wrote on this machine (other nodes may have none)."""
+    env = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    if not env and os.environ.get("HF_HUB_DISABLE_IMPLICIT_TOKEN", "").lower() not in ("1", "true", "yes"):
+        token = huggingface_hub.get_token()
+        if token:
+            env["HF_TOKEN"] = token
+    return env
+
+
+def _secret_hook(secrets: dict[str, str]) -> Callable[[], None]:
+    """A `worker_process_setup_hook` that sets `secrets` in every worker process of the job before it runs anything.
+
+    Ray pickles the hook (with its closure) into its GCS key-value store, which neither the dashboard nor the state
+    API nor the logs show; the runtime_env holds only the hook's name and key. Tune trials, Ray Train workers and
+    plain tasks all run it: they are worker processes of this job."""
+
+    def nas_minitron_secrets() -> None:
+        os.environ.update(secrets)
+
+    return nas_minitron_secrets
 
 
 def _probe(address: str, timeout_s: float = 3.0) -> None:
@@ -109,12 +152,20 @@ def _probe(address: str, timeout_s: float = 3.0) -> None:
 
 
 def connect_ray(options: RayOptions) -> str | None:
-    """Start (or join) Ray; returns the dashboard URL when there is one. Local clusters bind to loopback only."""
+    """Start (or join) Ray; returns the dashboard URL when there is one. Local clusters bind to loopback only.
+
+    Every worker of the job gets the driver's HF cache, endpoint and offline variables (`_worker_env`, as the
+    runtime_env) and its Hugging Face token (`_secret_hook`, never in the runtime_env), so that a gated teacher loads
+    on every node."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported: below
     if ray.is_initialized():
         return None
-    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": _worker_env()}, log_to_driver=False)
+    runtime_env: dict[str, Any] = {"env_vars": _worker_env()}
+    secrets = _secret_env()
+    if secrets:
+        runtime_env["worker_process_setup_hook"] = _secret_hook(secrets)
+    kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=False)
     if options.address:
         _probe(options.address)
         try:
@@ -135,9 +186,77 @@ def connect_ray(options: RayOptions) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
+def num_alive_nodes() -> int:
+    """The alive nodes of the connected Ray cluster."""
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 def largest_node_gpus() -> float:
     """The GPUs of the connected cluster's largest live node: a trial runs on one node, so no more than that."""
     return max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+PROBE_DIR = ".probe"  # in the run directory, removed when the check ends
+
+
+def _visit(probe_dir: str, driver_note: str, node_id: str) -> str | None:
+    """On one node: write `node-<id>` into the probe folder and read the driver's note back; None when both worked,
+    else what failed."""
+    folder = Path(probe_dir)
+    try:
+        seen = (folder / "driver").read_text()
+    except OSError as err:
+        return f"cannot read the driver's probe file: {err.strerror or err}"
+    if seen != driver_note:
+        return "reads another directory at that path (the driver's probe file differs)"
+    try:
+        (folder / f"node-{node_id}").write_text(node_id)
+    except OSError as err:
+        return f"cannot write into it: {err.strerror or err}"
+    return None
+
+
+def check_run_dir_shared(run_dir: str | os.PathLike[str], *, timeout_s: float = 120.0,
+                         task_dirs: dict[str, str] | None = None) -> tuple[int, float]:
+    """UserError unless every alive node of the connected Ray cluster sees `run_dir` as the driver does: one
+    zero-CPU task per node (pinned to it) reads a file the driver wrote under `run_dir/.probe/` and writes one
+    back, which the driver must then read. Returns (nodes checked, wall seconds); the probe files are removed.
+
+    Trials, checkpoints and the winners' Ray Train jobs write into the run directory from whatever node runs them:
+    without a filesystem shared at the same path, their results would land on that node's disk, unseen.
+    `task_dirs` (node id -> folder), for tests only, sends a node's task elsewhere, as a node without the mount.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    start = time.perf_counter()
+    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    folder = Path(run_dir).resolve() / PROBE_DIR / uuid.uuid4().hex[:12]
+    note = uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        (folder / "driver").write_text(note)
+        visit = ray.remote(num_cpus=0, max_retries=0)(_visit)
+        refs = {node: visit.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            (task_dirs or {}).get(node, str(folder)), note, node) for node in nodes}
+        try:
+            answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(f"checking that every Ray node sees the run directory {str(folder.parent.parent)!r} "
+                            f"took over {timeout_s:.0f} s (a node without free workers?); retry, or check the "
+                            f"cluster with `ray status`.") from None
+        for node, ip in nodes.items():
+            problem = answers[node] or (None if (folder / f"node-{node}").is_file()
+                                        else "its file written there never appeared in the driver's directory")
+            if problem:
+                raise UserError(
+                    f"Ray node {node[:12]} ({ip}) does not see the run directory {str(folder.parent.parent)!r}: "
+                    f"{problem}; mount one shared filesystem (NFS, Lustre, ...) at the same path on every node "
+                    f"and pass a --run-dir on it.")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # only when no other probe is running
+    return len(nodes), time.perf_counter() - start
 
 
 def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial_bytes: int) -> None:
@@ -164,6 +283,13 @@ def check_resources(cpus_per_trial: int, gpus_per_trial: float, memory_per_trial
         )
 
 
+def _on_this_node(spec: TrialSpec) -> TrialSpec:
+    """The spec with a teacher this node can read: a hub teacher's snapshot folder (the driver's HF cache) is
+    fetched at the same commit into this node's cache when the node does not share it (`local_teacher_dir`)."""
+    here = local_teacher_dir(spec.teacher_dir)
+    return spec if here == spec.teacher_dir else dataclasses.replace(spec, teacher_dir=here)
+
+
 def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
     """One Ray trial: prune and briefly distill the candidate the config names; report as it goes.
 
@@ -177,6 +303,7 @@ def _trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_id = str(tune.get_context().get_trial_id() or "")
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]  # Ray set CUDA_VISIBLE_DEVICES to these
+    spec = _on_this_node(spec)
     resume = tune.get_checkpoint()
     if resume is None:
         carried = trial_resume_dir(spec.run_dir, config["arch"])
@@ -420,6 +547,7 @@ def _rung_trainable(config: dict[str, Any], spec: TrialSpec) -> None:
 
     trial_id = str(tune.get_context().get_trial_id() or "")
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+    spec = _on_this_node(spec)
     for arch in config.get("archs") or [config["arch"]]:  # rung 0 screens a batch of candidates per trial
         if not run_rung(arch, spec, int(config["rung"]), int(config["tokens"]), report, trial_id=trial_id,
                         gpu_ids=gpu_ids):
