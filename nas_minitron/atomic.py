@@ -18,8 +18,7 @@ from typing import Any
 from nas_minitron.errors import UserError
 
 __all__ = ["atomic_directory", "check_output_dir", "check_output_file", "check_writable_dir",
-           "file_sha256", "nearest_existing",
-           "write_json_atomic"]
+           "file_sha256", "nearest_existing", "replace_directory", "write_json_atomic"]
 
 
 def nearest_existing(path: Path) -> Path | None:
@@ -75,14 +74,19 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, final)
+
+
+def replace_directory(source: Path, final: Path) -> None:
+    """Rename the complete directory `source` to `final`, replacing what is there (moved aside first, so that
+    `final` is never missing a complete directory for long)."""
     if final.exists():
-        # Move the old one aside first so that `final` is never missing a complete directory for long.
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, trash / final.name)
-        os.replace(tmp, final)
+        os.replace(source, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        os.replace(source, final)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:

@@ -15,7 +15,13 @@ from nas_minitron.errors import UserError
 from nas_minitron.pipeline.plan import describe_plan
 from nas_minitron.pipeline.run_dir import STAGES
 from nas_minitron.pipeline.runner import plan_search, run_search
-from nas_minitron.pipeline.settings import NONE_WORDS, SearchSettings, optional_setting, resolve_settings
+from nas_minitron.pipeline.settings import (
+    NONE_WORDS,
+    SearchSettings,
+    optional_setting,
+    resolve_settings,
+    run_preset_names,
+)
 
 __all__ = ["register"]
 
@@ -62,6 +68,9 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--cache-dir": ("cache_dir", str),
     "--device": ("device", str),
     "--scratch-dir": ("scratch_dir", str),
+    "--cache-gpus": ("cache_gpus", int),
+    "--cache-workers": ("cache_workers", int),
+    "--cache-batch-size": ("cache_batch_size", int),
     "--full-gpus": ("full_gpus", int),
     "--full-workers": ("full_workers", int),
     "--global-batch-tokens": ("global_batch_tokens", int),
@@ -117,7 +126,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=docs.get("asha", ""))
     parser.add_argument("--verify", dest="verify", action="store_const", const=True, default=None,
                         help=docs.get("verify", ""))
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML file of settings, or a shipped run preset by name: "
+                             f"{', '.join(run_preset_names())} (flags override it)")
     parser.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<teacher>-<budget>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir, skipping done stages")
     parser.add_argument("--stop-after", metavar="STAGE", default=None,

@@ -58,8 +58,15 @@ from typing import Any
 
 from nas_minitron.arch import ArchConfig
 from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig
+from nas_minitron.distill.logit_cache import LOGIT_CHUNK_TOKENS
 from nas_minitron.pipeline.run_dir import STAGES
-from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, full_distill_workers, train_sequences
+from nas_minitron.pipeline.settings import (
+    SearchSettings,
+    cache_workers,
+    calibration_seq_len,
+    full_distill_workers,
+    train_sequences,
+)
 from nas_minitron.tokens import token_dtype
 
 __all__ = ["DEFAULT_GPU_MEMORY_GIB", "LARGE_TEACHER_PARAMS", "PLAN_FILE", "Plan", "StagePlan", "StudentShape",
@@ -191,9 +198,10 @@ def _kd_loss(tokens: int, vocab: int, kind: str) -> int:
     return KD_LOSS_TENSORS[kind] * min(LOSS_CHUNK_TOKENS, tokens) * vocab * 4
 
 
-def _forward_peak(tokens: int, vocab: int, hidden: int) -> int:
-    """A forward-only pass: logits and their log-softmax (2 fp32 [tokens, V]) plus a few [tokens, H] buffers."""
-    return 2 * tokens * vocab * 4 + 16 * tokens * hidden * 4
+def _forward_peak(tokens: int, vocab: int, hidden: int, logit_tokens: int | None = None) -> int:
+    """A forward-only pass: logits and their log-softmax (2 fp32 [tokens, V]; only `logit_tokens` positions at a
+    time when the output head runs in chunks, the logit cache's `teacher_topk`) plus a few [tokens, H] buffers."""
+    return 2 * min(tokens, logit_tokens or tokens) * vocab * 4 + 16 * tokens * hidden * 4
 
 
 @dataclass(frozen=True)
@@ -225,9 +233,9 @@ def _teacher_held(c: _Ctx) -> tuple[int, int]:
 
 
 def _forward_stage(c: _Ctx, stage: str, tokens: int, disk: int, basis: str, extra_ram: int = 0,
-                   micro_tokens: int | None = None) -> StagePlan:
+                   micro_tokens: int | None = None, logit_tokens: int | None = None) -> StagePlan:
     ram, gpu = _teacher_held(c)
-    peak = _forward_peak(micro_tokens or c.micro_tokens, c.vocab, c.teacher.hidden_size)
+    peak = _forward_peak(micro_tokens or c.micro_tokens, c.vocab, c.teacher.hidden_size, logit_tokens)
     rate, measured = _rate(c.driver_device, "forward", c.teacher_params, DRIVER_THREADS)
     if c.driver_device == "cuda":
         gpu += peak
@@ -276,9 +284,25 @@ def _logit_cache(c: _Ctx) -> StagePlan:
                          "token streams only (--topk 0: no cache)")
     cached = n_short + s.validation_sequences
     cache = cached * s.seq_len * (4 + s.topk * (2 + 4))
-    return _forward_stage(c, "logit_cache", cached * s.seq_len, data + cache,
-                          f"{cached} x {s.seq_len} tokens cached at top-{s.topk} ({cache:,} B) + token streams "
-                          f"({data:,} B)", extra_ram=2 * 8 * s.seq_len * cached)
+    tokens, batch = cached * s.seq_len, (s.cache_batch_size or s.batch_size) * s.seq_len
+    basis = f"{cached} x {s.seq_len} tokens cached at top-{s.topk} ({cache:,} B) + token streams ({data:,} B)"
+    held = 2 * 8 * s.seq_len * cached  # the driver: the sequences as int64, and their concatenation
+    workers, on_gpus = cache_workers(s)
+    if not workers:
+        return _forward_stage(c, "logit_cache", tokens, data + cache, basis, extra_ram=held, micro_tokens=batch,
+                              logit_tokens=LOGIT_CHUNK_TOKENS)
+    peak = _forward_peak(batch, c.vocab, c.teacher.hidden_size, LOGIT_CHUNK_TOKENS)
+    driver = RUNTIME_BYTES + (RAY_BYTES if s.ray_address is None else 0) + held
+    if on_gpus:  # each worker: the teacher read on the host in bf16, then moved to its GPU
+        ram, gpu = driver + workers * (RUNTIME_BYTES + 2 * c.teacher_params), CUDA_CONTEXT_BYTES + 2 * c.teacher_params
+        gpu += peak
+        rate, measured = _rate("cuda", "forward", c.teacher_params, 1)
+    else:
+        ram, gpu = driver + workers * (RUNTIME_BYTES + 4 * c.teacher_params + peak), 0
+        rate, measured = _rate("cpu", "forward", c.teacher_params, max(1, s.cpus_per_trial))
+    where = f"{workers} GPU" if on_gpus else f"{workers} CPU"
+    return StagePlan("logit_cache", tokens, ram, gpu, data + cache, tokens / (rate * workers) + 30.0, not measured,
+                     f"{basis}; teacher forward at {rate:,.0f} tok/s on each of {where} Ray workers (+30 s to load)")
 
 
 def trial_gpu_bytes(c: _Ctx, batch_size: int | None = None, checkpointing: bool = False) -> int:

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas_minitron._lazy import lazy_import
 from nas_minitron.arch import ArchConfig
 from nas_minitron.atomic import write_json_atomic
 from nas_minitron.distill.logit_cache import MANIFEST, LogitCache
@@ -27,7 +28,10 @@ from nas_minitron.teacher import load_teacher
 from nas_minitron.tokens import TokenStream, open_tokens
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+else:
+    torch = lazy_import("torch")
 
 __all__ = ["CURVE_COLUMNS", "LOCK_FILE", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run",
            "finished_stages", "now", "read_csv", "stage_marker", "write_csv"]
@@ -176,10 +180,14 @@ class Run:
         return resolve_device(self.settings.device)
 
     def teacher(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The teacher and tokenizer, loaded once per driver process (again after `release_teacher`)."""
+        """The teacher and tokenizer, loaded once per driver process (again after `release_teacher`): frozen, in
+        bf16 on a GPU (its importance, logit-cache and eval passes; the plan counts 2 B/P there), float32 on CPU."""
         if self._teacher is None:
-            self._teacher = load_teacher(self.settings.teacher, self.settings.cache_dir, device=self.device(),
+            device = self.device()
+            dtype = torch.bfloat16 if device.startswith("cuda") else None
+            self._teacher = load_teacher(self.settings.teacher, self.settings.cache_dir, device=device, dtype=dtype,
                                          revision=self.settings.teacher_revision)
+            self._teacher[0].requires_grad_(False)
         return self._teacher
 
     def release_teacher(self) -> bool:

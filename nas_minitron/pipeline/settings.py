@@ -24,9 +24,9 @@ from nas_minitron.errors import UserError
 from nas_minitron.search.protocol import SAMPLERS
 from nas_minitron.search.winners import OBJECTIVES
 
-__all__ = ["LATE_KEYS", "NONE_WORDS", "PINNED_KEYS", "RUNTIME_KEYS", "SearchSettings", "calibration_seq_len",
-           "differences",
-           "full_distill_workers", "optional_setting", "resolve_settings", "train_sequences"]
+__all__ = ["LATE_KEYS", "NONE_WORDS", "PINNED_KEYS", "PRESETS_DIR", "RUNTIME_KEYS", "SearchSettings", "cache_workers",
+           "calibration_seq_len", "differences", "full_distill_workers", "optional_setting", "resolve_settings",
+           "run_preset", "run_preset_names", "train_sequences"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,16 @@ class SearchSettings:
     """validation points after step 0 of each distillation, short and full (fewer if it has fewer steps)"""
     topk: int = 64
     """teacher-logit cache keeps the top-k log-probs per token (0: trials run the teacher instead)"""
+    cache_gpus: int | None = None
+    """GPUs for the teacher-logit cache: N >= 1 spreads its shards over N Ray workers of one GPU each (the teacher
+    in bf16); 0: over --cache-workers CPU workers; none: in the driver process on --device (or on CPU workers when
+    --cache-workers > 1)"""
+    cache_workers: int = 1
+    """CPU Ray workers (each --cpus-per-trial threads and its own teacher) for the logit cache when --cache-gpus is
+    0 or none; 1 with --cache-gpus none: in the driver process"""
+    cache_batch_size: int | None = None
+    """sequences per teacher forward while building the logit cache (the output head runs 1024 positions at a time,
+    so this is bounded by the decoder's activations, not the logits); none: --batch-size"""
     eval_tasks: str = "pydoc_next_sentence"
     """lm-eval tasks for the winners and the teacher (comma-separated, or 'minitron' when online)"""
     eval_limit: int | None = 40
@@ -157,7 +167,8 @@ class SearchSettings:
 # match), full_gpus / full_workers (the world size sets a winner's steps, schedule and data shards) and storage (the
 # study there is the search's memory: another storage would hold none of it).
 RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "cache_dir", "scratch_dir",
-                          "checkpoint_minutes", "gpu_memory_gib", "verify", "tokenize_procs"})
+                          "checkpoint_minutes", "gpu_memory_gib", "verify", "tokenize_procs", "cache_gpus",
+                          "cache_workers", "cache_batch_size"})
 # Keys a resume compares through what they resolve to, config.json's `teacher_pin` (runner._check_pin): a branch
 # given as its commit, or the other way round, is the same teacher.
 PINNED_KEYS = frozenset({"teacher_revision"})
@@ -192,10 +203,29 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise UserError(f"{source}: {name} must be a {expected.__name__}, but got {value!r}.") from None
 
 
+PRESETS_DIR = Path(__file__).parent / "presets"  # shipped run configs, by name (`--config llama-3.1-8b-8gpu`)
+
+
+def run_preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def run_preset(config: Path) -> Path:
+    """`config` itself when it is a file; else the shipped run preset of that name; UserError naming both."""
+    if config.is_file():
+        return config
+    shipped = PRESETS_DIR / f"{config.name}.yaml"
+    if config.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise UserError(f"--config {str(config)!r}: no such file, and not a shipped run preset; presets: "
+                    f"{', '.join(run_preset_names())} (or a YAML file of settings).")
+
+
 def resolve_settings(yaml_path: Path | None, overrides: Mapping[str, Any]) -> SearchSettings:
     """Defaults, then the YAML file, then the non-None command-line overrides."""
     values: dict[str, Any] = {}
     if yaml_path is not None:
+        yaml_path = run_preset(yaml_path)
         try:
             loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
@@ -303,6 +333,15 @@ def train_sequences(s: SearchSettings, num_tokens: int) -> int:
     return max(s.batch_size, math.ceil(num_tokens / s.seq_len))
 
 
+def cache_workers(s: SearchSettings) -> tuple[int, bool]:
+    """(Ray workers, on GPUs) of the logit-cache pass; (0, False): in the driver process."""
+    if s.cache_gpus:
+        return s.cache_gpus, True
+    if s.cache_gpus == 0 or s.cache_workers > 1:
+        return s.cache_workers, False
+    return 0, False
+
+
 def full_distill_workers(s: SearchSettings) -> tuple[int, bool]:
     """(workers, on GPUs) of each winner's full distillation: --full-gpus GPUs, else --full-workers CPU workers."""
     if s.full_gpus:
@@ -315,6 +354,15 @@ def _full_distill_problems(s: SearchSettings) -> list[str]:
     problems = []
     if s.full_gpus is not None and s.full_gpus < 0:
         problems.append(f"full_gpus must be >= 0 or none, but got {s.full_gpus!r}")
+    if s.cache_gpus is not None and s.cache_gpus < 0:
+        problems.append(f"cache_gpus must be >= 0 or none, but got {s.cache_gpus!r}")
+    if s.cache_workers < 1:
+        problems.append(f"cache_workers must be >= 1, but got {s.cache_workers!r}")
+    elif s.cache_gpus and s.cache_workers > 1:
+        problems.append(f"cache_workers ({s.cache_workers}) counts CPU workers; with cache_gpus {s.cache_gpus} the "
+                        f"workers are the GPUs: drop --cache-workers or pass --cache-gpus 0")
+    if s.cache_batch_size is not None and s.cache_batch_size < 1:
+        problems.append(f"cache_batch_size must be >= 1 or none, but got {s.cache_batch_size!r}")
     if s.full_workers < 1:
         problems.append(f"full_workers must be >= 1, but got {s.full_workers!r}")
     elif s.full_gpus and s.full_workers > 1:

@@ -22,6 +22,7 @@ from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory
 from nas_minitron.distill.config import GRAD_CHECKPOINTING_PARAMS, DistillConfig, DistillResult, EvalPoint
 from nas_minitron.distill.logit_cache import build_logit_cache
+from nas_minitron.distill.ray_cache import build_logit_cache_ray
 from nas_minitron.distill.ray_train import check_cluster, distill_ray, fault_after_checkpoint
 from nas_minitron.distill.result import RECORD_FILE, save_distilled
 from nas_minitron.distill.trainer import distill
@@ -30,7 +31,7 @@ from nas_minitron.evaluate.harness import evaluate_model, save_eval
 from nas_minitron.evaluate.speed import measure_speed
 from nas_minitron.integrity import CHECKSUMS, verify_checksums, write_checksums
 from nas_minitron.pipeline.run_dir import CURVE_COLUMNS, TRIAL_COLUMNS, WINNER_COLUMNS, Run, read_csv, write_csv
-from nas_minitron.pipeline.settings import SearchSettings, full_distill_workers, train_sequences
+from nas_minitron.pipeline.settings import SearchSettings, cache_workers, full_distill_workers, train_sequences
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan, save_student
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.prune.sliced import is_safetensors_dir
@@ -66,7 +67,13 @@ from nas_minitron.space.candidates import (
     enumerate_candidates,
 )
 from nas_minitron.space.spaces import SearchSpace, load_space
-from nas_minitron.teacher import DEFAULT_TEACHER, load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir
+from nas_minitron.teacher import (
+    DEFAULT_TEACHER,
+    load_teacher_config,
+    load_teacher_tokenizer,
+    resolve_teacher_dir,
+    tokenizer_fingerprint,
+)
 from nas_minitron.tokens import TokenStream, write_stream
 
 if TYPE_CHECKING:
@@ -112,6 +119,9 @@ def start_ray(s: SearchSettings, config: dict[str, Any], log: Callable[[str], No
     workers, on_gpus = full_distill_workers(s)
     if s.full_gpus is not None or workers > 1:  # the winners' Ray Train job must fit too, checked before any work
         check_cluster(workers, on_gpus, "--full-gpus" if on_gpus else "--full-workers")
+    workers, on_gpus = cache_workers(s)
+    if workers:  # and the logit cache's workers
+        check_cluster(workers, on_gpus, "--cache-gpus" if on_gpus else "--cache-workers")
 
 
 def stop_ray() -> None:
@@ -172,15 +182,37 @@ def logit_cache(run: Run) -> dict[str, Any]:
     """The trials' token streams (data/train_short, data/validation) and, with --topk, the teacher's top-k logits
     for them. The winners' stream (data/train_full) waits for the distill stage: the trials do not read it."""
     s = run.settings
-    teacher, tokenizer = run.teacher()
+    workers, on_gpus = cache_workers(s)
+    teacher_dir = resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision, weights=workers == 0)
+    tokenizer = run.teacher()[1] if workers == 0 else load_teacher_tokenizer(teacher_dir)
     short = _write_tokens(run, "train_short", "train", train_sequences(s, s.short_tokens), tokenizer)
     val = _write_tokens(run, "validation", "validation", s.validation_sequences, tokenizer)
     if s.topk <= 0:
         return {"topk": 0}
     # Trials read teacher targets for their training stream and their validation KL from here: no teacher needed.
-    build_logit_cache(teacher, torch.cat([short.tensor(), val.tensor()]), run.path("logit_cache"), s.topk,
-                      s.batch_size, tokenizer=tokenizer, overwrite=True)
-    return {"topk": s.topk, "num_sequences": short.num_sequences + val.num_sequences}
+    sequences = torch.cat([short.tensor(), val.tensor()])
+    batch = s.cache_batch_size or s.batch_size
+    if workers == 0:
+        cache = build_logit_cache(run.teacher()[0], sequences, run.path("logit_cache"), s.topk, batch,
+                                  tokenizer=tokenizer, overwrite=True)
+    else:
+        run.release_teacher()  # importance's teacher: the workers load their own (on the GPUs Ray gives them)
+        check_shared_run_dir(run.dir, s, run.log)  # the workers write the shards into it
+        # at least 4 shards per worker, so that the last round leaves few of them idle
+        shard = max(1, min(1024, math.ceil(len(sequences) / (4 * workers))))
+        cache = build_logit_cache_ray(resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision), sequences,
+                                      run.path("logit_cache"), s.topk, batch, workers=workers, use_gpu=on_gpus,
+                                      vocab_size=run.resolved.vocab_size,
+                                      tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                                      shard_sequences=shard, threads=max(1, s.cpus_per_trial), log=run.log)
+    m = cache.manifest
+    size = sum(int(entry["size"]) for entry in m["files"].values())
+    run.log(f"logit cache: {m['num_sequences']} sequences in {len(m['shards'])} shards, {size / 2**20:.1f} MiB, "
+            f"built in {m['build_seconds']:.1f} s by {m['workers']} worker(s) "
+            f"({m['dtype']}; {m['resumed_shards']} shards kept from an interrupted build)")
+    return {"topk": s.topk, "num_sequences": short.num_sequences + val.num_sequences, "cache_bytes": size,
+            "cache_build_seconds": m["build_seconds"], "cache_workers": m["workers"], "cache_dtype": m["dtype"],
+            "cache_shards": len(m["shards"]), "cache_resumed_shards": m["resumed_shards"]}
 
 
 def write_full_stream(run: Run) -> TokenStream:
