@@ -76,6 +76,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--global-batch-tokens": ("global_batch_tokens", int),
     "--checkpoint-minutes": ("checkpoint_minutes", float),
     "--gpu-memory-gib": ("gpu_memory_gib", float),
+    "--host-memory-gib": ("host_memory_gib", float),
 }
 
 

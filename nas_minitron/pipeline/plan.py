@@ -27,8 +27,8 @@ Memory model (bytes; P = parameters, L/H/I = layers/hidden/intermediate of the m
   2 B/P on a GPU (bf16). Forward-only passes add activations of one layer at a time (negligible) plus logits.
 - Activations kept for backward: L x B x T x H x k bytes with k = ACT_BYTES_PER_HIDDEN (34 in bf16: Korthikanti
   et al. 2022 without the attention-score term, which SDPA does not store; 68 in fp32). Gradient checkpointing
-  (students of >= 1B parameters in the full distillation, `distill.config.GRAD_CHECKPOINTING_PARAMS`) keeps 2 x H bytes
-  per layer and token plus one layer's full set.
+  (students of >= 1B parameters, in the trials and the full distillation, `distill.config.GRAD_CHECKPOINTING_PARAMS`)
+  keeps 2 x H bytes per layer and token plus one layer's full set.
 - The chunked KD loss: ~7 fp32 [chunk, V] tensors for full KD (live teacher), ~4 for top-k KD, chunk =
   min(1024, B x T) (benchmarks/RESULTS.md "KD loss memory": 7.0 and 3.6-3.8 tensors measured).
 - Per process: RUNTIME_BYTES (torch + transformers imported, ~0.25 GiB measured in RESULTS.md "Student build
@@ -305,9 +305,12 @@ def _logit_cache(c: _Ctx) -> StagePlan:
                      f"{basis}; teacher forward at {rate:,.0f} tok/s on each of {where} Ray workers (+30 s to load)")
 
 
-def trial_gpu_bytes(c: _Ctx, batch_size: int | None = None, checkpointing: bool = False) -> int:
-    """One GPU trial's peak on its device: student state, activations (bf16), KD loss, teacher when --topk 0."""
+def trial_gpu_bytes(c: _Ctx, batch_size: int | None = None, checkpointing: bool | None = None) -> int:
+    """One GPU trial's peak on its device: student state, activations (bf16), KD loss, teacher when --topk 0.
+    `checkpointing` None: as the trials do (gradient checkpointing for students of >= 1B parameters, worker.py)."""
     s, st = c.s, c.student
+    if checkpointing is None:
+        checkpointing = st.params >= GRAD_CHECKPOINTING_PARAMS
     tokens = (batch_size or s.batch_size) * s.seq_len
     kind = "topk" if s.topk > 0 else "full"
     teacher = 0 if s.topk > 0 else 2 * c.teacher_params
@@ -485,7 +488,8 @@ def make_plan(settings: SearchSettings, resolved: Mapping[str, Any], students: S
     disk = sum(p.disk_bytes for p in plans)
     if free_disk_bytes is not None and disk > free_disk_bytes:
         problems.append(f"the run writes ~{_gib(disk)} but its directory's filesystem has {_gib(free_disk_bytes)} "
-                        f"free; free space, choose another --run-dir, or lower --trials / --full-tokens")
+                        f"free; free space, choose another --run-dir, or lower "
+                        f"{'--max-candidates / --screen' if c.s.strategy == 'rungs' else '--trials'} / --full-tokens")
     if total_ram_bytes is not None:  # only the driver's own stages: trials and Ray Train run on the cluster's nodes
         driver = ("importance", "logit_cache", "eval") + (("distill",) if _full_in_driver(settings) else ())
         problems.extend(f"stage {p.stage} needs ~{_gib(p.cpu_ram_bytes)} of RAM but this machine has "
@@ -544,11 +548,12 @@ def _gpu_problems(c: _Ctx, plans: Sequence[StagePlan], capacity: int) -> list[st
 
 def _fits_with(need: Any, capacity: int, batch_size: int) -> str:
     """What would make a trial fit: a smaller batch, gradient checkpointing, or neither (a larger GPU)."""
-    smaller = next((b for b in range(batch_size - 1, 0, -1) if need(b, False) <= capacity), None)
+    smaller = next((b for b in range(batch_size - 1, 0, -1) if need(b, None) <= capacity), None)
     if smaller:
         return f"--batch-size {smaller} would fit"
-    if need(batch_size, True) <= capacity:
-        return "gradient checkpointing would fit (not available in trials yet)"
+    if need(batch_size, True) <= capacity:  # only reached by students < 1B (larger ones always checkpoint)
+        return (f"gradient checkpointing would fit (trials use it for students of >= "
+                f"{GRAD_CHECKPOINTING_PARAMS / 1e9:g}B parameters only)")
     return "no smaller --batch-size fits, nor gradient checkpointing: a smaller --budget or GPUs with more memory"
 
 

@@ -111,10 +111,11 @@ def _check_scratch_dir(scratch_dir: str | None) -> None:
 
 
 def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, new: bool,
-               to_run: tuple[str, ...] = STAGES) -> None:
+               to_run: tuple[str, ...] = STAGES, data: bool = True) -> None:
     """Everything a later stage would refuse, refused now: before the run directory or any work.
 
-    `to_run`: the stages this invocation may run (all, or up to --stop-after)."""
+    `to_run`: the stages this invocation may run (all, or up to --stop-after); `data`: also check that --data is
+    long enough (tokenizes it up to the sequences the run needs; --dry-run leaves it to the run)."""
     _check_scratch_dir(settings.scratch_dir)
     found = None
     if new:
@@ -132,7 +133,8 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
         importance_stage.check_reused(settings, resolved, (c.arch.num_hidden_layers for c in found))
     if "eval" in to_run and "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours
         find_tasks(list(resolve_tasks(settings.eval_tasks)))
-    _check_data(settings, run_dir, to_run)
+    if data:
+        _check_data(settings, run_dir, to_run)
 
 
 def _check_data(settings: SearchSettings, run_dir: Path, to_run: tuple[str, ...]) -> None:
@@ -179,12 +181,13 @@ def _lock(run_dir: Path) -> IO[str]:
 
 def _plan(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, to_run: tuple[str, ...]) -> Plan:
     """The resource plan of the stages still to run, checked against the run directory's free disk and this
-    machine's RAM (GPU sizes against --gpu-memory-gib); reads the teacher's config only."""
+    machine's RAM or --host-memory-gib (GPU sizes against --gpu-memory-gib); reads the teacher's config only."""
     _, _, found = stages.find_candidates(settings, resolved["budget_params"])
     students = [StudentShape(c.params, c.arch.num_hidden_layers, c.arch.hidden_size) for c in found]
     done = set(finished_stages(run_dir))
     free_disk = shutil.disk_usage(nearest_existing(run_dir.resolve()) or "/").free
-    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total_ram = (int(settings.host_memory_gib * 2**30) if settings.host_memory_gib is not None
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return make_plan(settings, resolved, students, settings.gpu_memory_gib, free_disk_bytes=free_disk,
                      total_ram_bytes=total_ram, to_run=tuple(s for s in to_run if s not in done))
 
@@ -201,13 +204,15 @@ def _stages_to_run(stop_after: str | None) -> tuple[str, ...]:
 
 
 def plan_search(settings: SearchSettings, run_dir: Path, resume: bool, stop_after: str | None = None) -> Plan:
-    """`--dry-run`: every check `run_search` makes before Ray, and the resource plan; writes nothing, starts
-    nothing. The caller prints the plan and refuses it when it does not fit."""
+    """`--dry-run`: every check `run_search` makes before Ray but the length of --data (a scan that tokenizes the
+    data up to what the run needs: minutes at 8B scale, and the teacher's tokenizer files), and the resource plan;
+    needs only the teacher's config.json; writes nothing, starts nothing. The caller prints the plan and refuses
+    it when it does not fit."""
     to_run = _stages_to_run(stop_after)
     new = _check_run_dir(run_dir, resume, settings)
     resolved = _resolve(settings)
     _check_pin(run_dir, resolved, new)
-    _preflight(settings, resolved, run_dir, new, to_run)
+    _preflight(settings, resolved, run_dir, new, to_run, data=False)
     return _plan(settings, resolved, run_dir, to_run)
 
 

@@ -151,6 +151,9 @@ class SearchSettings:
     at its validation points"""
     gpu_memory_gib: float = 80.0
     """memory of one GPU (GiB) that the resource plan (pipeline/plan.py) checks trials and full distillation against"""
+    host_memory_gib: float | None = None
+    """CPU RAM (GiB) of the machine the driver's stages run on, that the resource plan checks them against (to plan
+    a run for another machine with --dry-run); none: this machine's"""
     verify: bool = False
     """check the sha256 of every artifact the run wrote as it is read again (token files, logit cache, trial weights,
     winners; a full read of each); without it only their sizes are checked (importance scores and checkpoints are
@@ -167,8 +170,8 @@ class SearchSettings:
 # match), full_gpus / full_workers (the world size sets a winner's steps, schedule and data shards) and storage (the
 # study there is the search's memory: another storage would hold none of it).
 RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "cache_dir", "scratch_dir",
-                          "checkpoint_minutes", "gpu_memory_gib", "verify", "tokenize_procs", "cache_gpus",
-                          "cache_workers", "cache_batch_size"})
+                          "checkpoint_minutes", "gpu_memory_gib", "host_memory_gib", "verify", "tokenize_procs",
+                          "cache_gpus", "cache_workers", "cache_batch_size"})
 # Keys a resume compares through what they resolve to, config.json's `teacher_pin` (runner._check_pin): a branch
 # given as its commit, or the other way round, is the same teacher.
 PINNED_KEYS = frozenset({"teacher_revision"})
@@ -264,6 +267,8 @@ def _validate(s: SearchSettings) -> None:
     elif s.gpus_per_trial > 1:  # a trial trains on one device: more would be reserved and sit idle
         problems.append(f"gpus_per_trial must be in [0, 1] (a trial trains on one GPU; a fraction shares one; "
                         f"--full-gpus spreads the winners over several), but got {s.gpus_per_trial!r}")
+    if s.host_memory_gib is not None and not (math.isfinite(s.host_memory_gib) and s.host_memory_gib > 0):
+        problems.append(f"host_memory_gib must be a number > 0 or none, but got {s.host_memory_gib!r}")
     if not (math.isfinite(s.gpu_memory_gib) and s.gpu_memory_gib > 0):
         problems.append(f"gpu_memory_gib must be a number > 0, but got {s.gpu_memory_gib!r}")
     if not (math.isfinite(s.lr) and 0 < s.lr <= 1):

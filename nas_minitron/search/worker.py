@@ -22,6 +22,7 @@ Fault injection for tests (environment variables, ignored unless set):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -39,7 +40,13 @@ from nas_minitron.arch import ArchConfig
 from nas_minitron.artifacts import reading
 from nas_minitron.atomic import atomic_directory, write_json_atomic
 from nas_minitron.distill.checkpoint import latest_checkpoint
-from nas_minitron.distill.config import DistillConfig, DistillResult, EvalPoint, NonFiniteLossError
+from nas_minitron.distill.config import (
+    GRAD_CHECKPOINTING_PARAMS,
+    DistillConfig,
+    DistillResult,
+    EvalPoint,
+    NonFiniteLossError,
+)
 from nas_minitron.distill.logit_cache import LogitCache
 from nas_minitron.distill.trainer import distill
 from nas_minitron.errors import UserError
@@ -198,8 +205,11 @@ def _distill(student: PreTrainedModel, spec: TrialSpec, teacher: PreTrainedModel
              **kwargs: Any) -> DistillResult:
     """The trainer on the spec's streams and logit cache (read by path, as every trial reads them)."""
     cache = LogitCache.open(spec.logit_cache_dir) if spec.logit_cache_dir else None
-    return distill(student, open_tokens(spec.train_path).batches(spec.distill.batch_size),
-                   open_tokens(spec.val_path).tensor(), spec.distill,
+    config = spec.distill
+    if sum(p.numel() for p in student.parameters()) >= GRAD_CHECKPOINTING_PARAMS:
+        config = dataclasses.replace(config, grad_checkpointing=True)  # as the full distillation does; same numbers
+    return distill(student, open_tokens(spec.train_path).batches(config.batch_size),
+                   open_tokens(spec.val_path).tensor(), config,
                    teacher=teacher, logit_cache=cache, **kwargs)
 
 

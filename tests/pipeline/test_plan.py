@@ -176,3 +176,46 @@ def test_a_run_saves_its_plan(tiny_teacher_dir: Path, tmp_path: Path) -> None:
 def test_gpu_memory_gib_must_be_positive(value: float) -> None:
     with pytest.raises(UserError, match="gpu_memory_gib must be a number > 0"):
         resolve_settings(None, {"gpu_memory_gib": value})
+
+
+def test_the_logit_cache_on_gpu_workers_divides_the_time_and_holds_a_bf16_teacher_per_gpu() -> None:
+    resolved = {"teacher_arch": "L32-H4096-I14336-A32-KV8", "head_dim": 128, "teacher_params": 8_030_000_000,
+                "budget_params": 4_500_000_000, "vocab_size": 128_256}
+    base: dict[str, Any] = dict(seq_len=4096, batch_size=2, short_tokens=50_000_000, topk=64, device="cuda")
+    one = _stage(make_plan(SearchSettings(**base), resolved, [], gpu_memory_gib=80), "logit_cache")
+    eight = _stage(make_plan(SearchSettings(**base, cache_gpus=8, cache_batch_size=16), resolved, [],
+                             gpu_memory_gib=80), "logit_cache")
+    assert eight.tokens == one.tokens and eight.disk_bytes == one.disk_bytes
+    assert eight.seconds == pytest.approx(one.seconds / 8 + 30.0, rel=1e-6)  # + the workers' load
+    # per GPU: CUDA context + bf16 teacher + the chunked head (2 fp32 [1024, V]) + 16 fp32 [16 x 4096, H] buffers
+    expected = GIB + 2 * 8_030_000_000 + 2 * 1024 * 128_256 * 4 + 16 * 16 * 4096 * 4096 * 4
+    assert eight.gpu_bytes_per_device == expected
+    assert "8 GPU Ray workers" in eight.basis
+
+
+def test_the_llama_preset_fits_8_gpus_of_80_gib(tmp_path: Path) -> None:
+    from cli_helpers import run_cli
+    from nas_minitron.space.presets import load_preset
+
+    teacher = tmp_path / "llama-3.1-8b"  # its config.json only: the plan reads no weights and no tokenizer
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(load_preset("llama-3.1-8b")))
+    result = run_cli("search", "--config", "llama-3.1-8b-8gpu", "--teacher", str(teacher), "--run-dir",
+                     str(tmp_path / "run"), "--dry-run", "--json", cwd=tmp_path)
+    plan = json.loads(result.stdout)
+    stages = {s["stage"]: s for s in plan["stages"]}
+    assert all(s["gpu_bytes_per_device"] <= 80 * GIB for s in plan["stages"]), plan["stages"]
+    assert stages["trials"]["gpu_bytes_per_device"] > 40 * GIB  # a 4.5B student with its AdamW state on one GPU
+    assert "1024 x 4096" in stages["importance"]["basis"] and "8 GPU Ray workers" in stages["logit_cache"]["basis"]
+    assert "8 Ray Train worker(s) on cuda" in stages["distill"]["basis"]
+    # only this machine's disk can refuse it (the run writes ~1 TiB: checkpoints of the rung-1 candidates)
+    assert all(p.startswith("the run writes") for p in plan["problems"]), plan["problems"]
+    assert plan["totals"]["disk_bytes"] < 2 * 2**40 and plan["warnings"] == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_config_names_the_presets(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"--config 'llama-8gpu': no such file, and not a shipped run preset; "
+                                        r"presets: llama-3.1-8b-8gpu"):
+        resolve_settings(Path("llama-8gpu"), {})
+    assert resolve_settings(Path("llama-3.1-8b-8gpu"), {"budget": "4B"}).budget == "4B"  # flags override it
