@@ -24,6 +24,7 @@ from nas_minitron.pipeline import halving_stage, importance_stage, stages
 from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
 from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, differences, train_sequences
+from nas_minitron.pipeline.usage import StageUsage
 from nas_minitron.teacher import load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir, teacher_pin
 
 __all__ = ["plan_search", "run_search"]
@@ -278,9 +279,10 @@ def _run_stages(run: Run, to_run: tuple[str, ...] = STAGES) -> None:
             continue
         run.log(f"[{stage}] ...")
         start = time.perf_counter()
-        extra = STAGE_FUNCTIONS[stage](run) or {}
+        with StageUsage(run.dir) as usage:  # peak RSS and run-dir bytes, beside the plan's (benchmarks/)
+            extra = STAGE_FUNCTIONS[stage](run) or {}
         wall_s = time.perf_counter() - start
-        run.mark(stage, wall_s, **extra)
+        run.mark(stage, wall_s, **extra, measured=usage.result())
         _update_summary(run, stage, wall_s)
         run.log(f"[{stage}] done in {wall_s:.1f} s")
 
