@@ -1,8 +1,9 @@
 """The prepared GPU check (issue #12 item 9): what only a CUDA machine can show, in about 5 minutes on one GPU.
 
 1. A tiny-teacher search (the default successive-halving strategy) with `--gpus-per-trial 0.5 --full-gpus 1
-   --stop-after distill`: every trial must have
-   trained on CUDA with fp32 parameters (master weights) and bf16 compute, and each winner's full distillation too.
+   --cache-gpus 1 --stop-after distill`: the logit cache must have been built by one GPU Ray worker in bf16, every
+   trial must have trained on CUDA with fp32 parameters (master weights) and bf16 compute, and each winner's full
+   distillation too.
 2. A ~1.2B-parameter random-weight Llama (Llama-3.2-1B's config): a half-size student cut from its bf16 files onto
    the GPU in fp32, a few short-distillation steps against the bf16 teacher (chunked KD), and one FSDP2 step in a
    one-rank NCCL group with the bf16/fp32 policy; peak GPU memory per stage.
@@ -54,7 +55,8 @@ def tiny_search(work: Path) -> None:
     teacher = save_tiny_teacher(work / "teacher", "llama")
     run_dir = work / "run"
     args = [sys.executable, "-m", "nas_minitron", "search", "--teacher", str(teacher), *TINY_RUNG_ARGS,
-            "--gpus-per-trial", "0.5", "--full-gpus", "1", "--stop-after", "distill", "--run-dir", str(run_dir)]
+            "--gpus-per-trial", "0.5", "--full-gpus", "1", "--cache-gpus", "1", "--stop-after", "distill",
+            "--run-dir", str(run_dir)]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=150, cwd=work)
     wall = round(time.perf_counter() - started, 1)
@@ -72,7 +74,10 @@ def tiny_search(work: Path) -> None:
                     for name, rec in winners.items()}
     winners_ok = bool(winners) and all(str(f["device"]).startswith("cuda") and f["param_dtype"] == "float32"
                                        for f in winner_facts.values())
-    record("tiny_search", trials_ok and winners_ok, wall_s=wall, trials=placements, winners=winner_facts)
+    cache = json.loads((run_dir / "stages" / "logit_cache.json").read_text())
+    cache_ok = cache.get("cache_dtype") == "bf16" and cache.get("cache_workers") == 1
+    record("tiny_search", trials_ok and winners_ok and cache_ok, wall_s=wall, trials=placements,
+           winners=winner_facts, cache={k: v for k, v in cache.items() if k.startswith("cache_")})
 
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

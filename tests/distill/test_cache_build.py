@@ -157,3 +157,26 @@ def test_search_builds_the_same_cache_on_two_ray_workers(tiny_teacher_dir: Path,
     for mine, theirs in zip(_cache_arrays(tmp_path / "workers" / "logit_cache"),
                             _cache_arrays(tmp_path / "driver" / "logit_cache"), strict=True):
         assert np.array_equal(mine, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_workers_build_a_bf16_cache_close_to_the_cpu_one(tmp_path: Path, ray_cluster: None) -> None:
+    """The GPU path of --cache-gpus: a Ray worker per GPU, the teacher in bf16; its top-k against float32 on CPU."""
+    from nas_minitron.distill.ray_cache import build_logit_cache_ray
+
+    where = save_tiny_teacher(tmp_path / "teacher")
+    teacher, tokenizer = load_teacher(str(where))
+    sequences = torch.randint(0, 1024, (8, SEQ_LEN), generator=torch.Generator().manual_seed(5))
+    cpu = lc.build_logit_cache(teacher, sequences, tmp_path / "cpu", TOPK, 4, tokenizer=tokenizer, shard_sequences=2)
+    gpus = min(2, torch.cuda.device_count())
+    gpu = build_logit_cache_ray(str(where), sequences, tmp_path / "gpu", TOPK, 4, workers=gpus, use_gpu=True,
+                                vocab_size=1024, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                                shard_sequences=2)
+    assert gpu.manifest["dtype"] == "bf16" and gpu.manifest["device"] == "cuda" and gpu.manifest["workers"] == gpus
+    top1_cpu = np.concatenate([np.asarray(a)[..., 0] for a in cpu.indices])
+    top1_gpu = np.concatenate([np.asarray(a)[..., 0] for a in gpu.indices])
+    assert (top1_cpu == top1_gpu).mean() > 0.9  # bf16 reorders near-ties only
+    best_cpu = np.concatenate([np.asarray(a)[..., 0] for a in cpu.logprobs]).astype(np.float32)
+    best_gpu = np.concatenate([np.asarray(a)[..., 0] for a in gpu.logprobs]).astype(np.float32)
+    assert np.abs(best_cpu - best_gpu).max() < 0.1
