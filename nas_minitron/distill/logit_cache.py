@@ -8,7 +8,16 @@ Layout of a cache directory (written atomically):
   logprobs-00000.npy ...   float16 [n, T, k]: the teacher's top-k log-probabilities at temperature 1, sorted
   indices-00000.npy ...    int32 [n, T, k]: their token ids
 Shards hold `shard_sequences` sequences each and are memory-mapped on open. How the tail mass outside the top-k
-enters the loss is described in `nas_minitron.distill.losses` (an explicit "rest" bucket).
+enters the loss is described in `nas_minitron.distill.losses` (an explicit "rest" bucket). The manifest also records
+how it was built: dtype ("bf16" or "float32"), workers, device, build_seconds, resumed_shards, tokens_sha256.
+
+Building (`CacheBuild`): in `<cache>.partial/` beside the final directory, tokens.npy first, then each shard's two
+files under hidden names, renamed once complete, then `shard-XXXXX.json` (their size and sha256, read back once while
+in page cache). A killed build keeps its completed shards and a rerun of the same build (sequences, teacher,
+top-k, shard size, dtype) computes only the rest; anything else starts again. The last step writes the manifest and
+renames the directory into place; a rerun finding that very cache complete keeps it. `build_logit_cache` runs the
+shards in this process; `distill.ray_cache.build_logit_cache_ray` spreads them over Ray workers (GPUs in bf16).
+The teacher's output head and log-softmax run over `LOGIT_CHUNK_TOKENS` positions at a time (`teacher_topk`).
 
 Integrity: the sha256 are computed by reading the shards back once they are written; `open` checks every file's
 size (free), `open(verify=True)` (`--verify`) every sha256 as well (a full read of the cache: at 8B scale tens of GB,
@@ -213,6 +222,7 @@ class CacheBuild:
     partial: Path
     identity: dict[str, Any]
     pending: list[int]
+    complete: bool = False  # `out_dir` already holds this very cache: nothing to compute, `finish` opens it
 
     @property
     def tokens_path(self) -> Path:
@@ -240,6 +250,9 @@ class CacheBuild:
                     "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
         partial = final.with_name(final.name + ".partial")
         build = cls(final, partial, identity, [])
+        if _built(final, identity):  # finished before a crash that came before its stage's marker: kept as is
+            build.complete = True
+            return build
         saved = partial / "build.json"
         if not (saved.is_file() and _same(saved, identity) and (partial / "tokens.npy").is_file()):
             shutil.rmtree(partial, ignore_errors=True)
@@ -264,10 +277,12 @@ class CacheBuild:
 
     def finish(self, extra: dict[str, Any] | None = None) -> LogitCache:
         """Write the manifest from the shards' records and move the cache to `out_dir` in one rename."""
+        if self.complete:
+            return LogitCache.open(self.out_dir, verify=False)
         missing = [i for i in range(len(self.bounds)) if self._shard_record(i) is None]
         if missing:
             raise RuntimeError(f"logit cache shards {missing} are not complete in {self.partial}")
-        manifest = {**{k: v for k, v in self.identity.items() if k != "tokens_sha256"}, **(extra or {})}
+        manifest = {**self.identity, **(extra or {})}
         num, seq_len = manifest["num_sequences"], manifest["seq_len"]
         manifest["shards"] = [{"start": lo, "stop": hi} for lo, hi in self.bounds]
         manifest["files"] = {"tokens": {"file": "tokens.npy", "shape": [num, seq_len], "dtype": "int32",
@@ -279,6 +294,15 @@ class CacheBuild:
         write_json_atomic(self.partial / MANIFEST, manifest)
         replace_directory(self.partial, self.out_dir)
         return LogitCache.open(self.out_dir, verify=False)
+
+
+def _built(final: Path, identity: dict[str, Any]) -> bool:
+    """Whether `final` is a complete cache of exactly `identity` (its manifest holds every identity key)."""
+    try:
+        manifest = json.loads((final / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in json.loads(json.dumps(identity)).items())
 
 
 def _same(path: Path, identity: dict[str, Any]) -> bool:
@@ -312,6 +336,8 @@ def build_logit_cache(
                              teacher_fingerprint=weights_fingerprint(teacher),
                              tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
                              overwrite=overwrite)
+    if build.complete:
+        return build.finish()
     tokens = np.load(build.tokens_path, mmap_mode="r")
     for shard in build.pending:
         lo, hi = build.bounds[shard]

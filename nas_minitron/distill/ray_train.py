@@ -21,7 +21,8 @@ bf16 policy within a stated tolerance of one bf16-autocast process, and a run re
 (tests/distill/test_distill_ray.py); FSDP resume bit-exact with `distill()` in 2 gloo processes without Ray
 (tests/distill/test_fsdp.py). Not tested: NCCL on GPUs, and a Ray job restarted from Ray's own checkpoint.
 
-The only module of `nas_minitron.distill` that imports ray (lazily: importing it loads neither ray nor torch).
+With `distill.ray_cache`, the only modules of `nas_minitron.distill` that import ray (lazily: importing them loads
+neither ray nor torch).
 """
 
 from __future__ import annotations

@@ -61,6 +61,13 @@ def test_a_killed_build_resumes_to_the_same_cache(tmp_path: Path, monkeypatch: p
     assert resumed.manifest["files"] == whole.manifest["files"]
     lc.LogitCache.open(tmp_path / "cache", verify=True)  # every sha256 recorded is the file's
 
+    # finished, but the process died before its stage's marker: the rerun keeps the cache, computing nothing
+    monkeypatch.setattr(lc, "write_shard", dies_at_the_third)
+    calls.clear()
+    again = lc.build_logit_cache(teacher, sequences, tmp_path / "cache", TOPK, 2, shard_sequences=2, overwrite=True)
+    assert calls == [] and again.manifest == resumed.manifest
+    monkeypatch.setattr(lc, "write_shard", real)
+
     # another teacher (or top-k, shard size, sequences) never reuses shards: the build starts again
     monkeypatch.setattr(lc, "write_shard", dies_at_the_third)
     calls.clear()
