@@ -7,6 +7,10 @@ Every command and stage that takes `--device` resolves it here; every forward th
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
+import sys
 from typing import TYPE_CHECKING
 
 from nas_minitron._lazy import lazy_import
@@ -17,7 +21,7 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")
 
-__all__ = ["bf16_autocast", "resolve_device"]
+__all__ = ["bf16_autocast", "release_host_memory", "resolve_device"]
 
 
 def resolve_device(name: str, flag: str = "--device") -> str:
@@ -35,3 +39,19 @@ def bf16_autocast(device: str | torch.device, enabled: bool = True) -> contextli
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type.split(":")[0], dtype=torch.bfloat16)
+
+
+def release_host_memory() -> bool:
+    """Collect garbage and hand the heap's free pages back to the system (glibc's `malloc_trim`): a long-lived
+    driver otherwise keeps the high-water mark of its largest stage (the default run's eval stage held 1.6 GiB more
+    than the same evaluation in a fresh process). Also empties CUDA's cache when CUDA is in use. Returns whether the
+    heap was trimmed (False where libc has no malloc_trim, e.g. musl or macOS)."""
+    gc.collect()
+    loaded = sys.modules.get("torch")  # never imports torch only to release nothing
+    if loaded is not None and loaded.cuda.is_initialized():
+        loaded.cuda.empty_cache()
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):
+        return False

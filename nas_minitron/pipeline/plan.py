@@ -32,7 +32,9 @@ Memory model (bytes; P = parameters, L/H/I = layers/hidden/intermediate of the m
 - The chunked KD loss: ~7 fp32 [chunk, V] tensors for full KD (live teacher), ~4 for top-k KD, chunk =
   min(1024, B x T) (benchmarks/RESULTS.md "KD loss memory": 7.0 and 3.6-3.8 tensors measured).
 - Per process: RUNTIME_BYTES (torch + transformers imported, ~0.25 GiB measured in RESULTS.md "Student build
-  memory", rounded up to 0.5 GiB for the allocator); a local Ray cluster adds RAY_BYTES (~0.8 GB, ENVIRONMENT.md).
+  memory", rounded up to 0.5 GiB for the allocator); a local Ray cluster adds RAY_BYTES to every stage (1.8 GiB of
+  summed RSS measured: it is up from the first stage to the last). The driver returns freed memory to the system
+  between stages (runner: gc + malloc_trim), so a stage is not charged its predecessor's peak.
   A GPU adds CUDA_CONTEXT_BYTES (~1 GiB: context + allocator slack; estimated).
 Disk model (what a stage has in the run directory at its peak; the sum over stages is checked against free space):
 token streams 2 B/token (uint16, vocabulary <= 65,536) or 4 B/token (uint32), data/ (`nas_minitron.tokens`):
@@ -51,6 +53,7 @@ with a live teacher counts student + teacher / 3 parameters (the teacher runs fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,7 +79,11 @@ PLAN_FILE = "plan.json"  # in the run directory, beside config.json (README "Run
 GIB = 2**30
 DEFAULT_GPU_MEMORY_GIB = 80.0
 RUNTIME_BYTES = GIB // 2
-RAY_BYTES = 800 * 2**20
+# A local Ray cluster (`search` starts it before the first stage and stops it after the last, so every stage's
+# process tree holds it): RSS summed over its 20 processes with the dashboard on, 1,856 MiB measured on the 2-core
+# box (Ray 2.60, 2026-12-02, benchmarks/RESULTS.md "The plan against the default run"; shared pages counted per
+# process, as the measurement counts them).
+RAY_BYTES = 1856 * 2**20
 CUDA_CONTEXT_BYTES = GIB
 ACT_BYTES_PER_HIDDEN = {"bf16": 34, "float32": 68}
 KD_LOSS_TENSORS = {"full": 7, "topk": 4}
@@ -292,7 +299,7 @@ def _logit_cache(c: _Ctx) -> StagePlan:
         return _forward_stage(c, "logit_cache", tokens, data + cache, basis, extra_ram=held, micro_tokens=batch,
                               logit_tokens=LOGIT_CHUNK_TOKENS)
     peak = _forward_peak(batch, c.vocab, c.teacher.hidden_size, LOGIT_CHUNK_TOKENS)
-    driver = RUNTIME_BYTES + (RAY_BYTES if s.ray_address is None else 0) + held
+    driver = RUNTIME_BYTES + held
     if on_gpus:  # each worker: the teacher read on the host in bf16, then moved to its GPU
         ram, gpu = driver + workers * (RUNTIME_BYTES + 2 * c.teacher_params), CUDA_CONTEXT_BYTES + 2 * c.teacher_params
         gpu += peak
@@ -345,7 +352,7 @@ def _trials(c: _Ctx) -> StagePlan:
                     + _activations(st.num_hidden_layers, st.hidden_size, c.micro_tokens, "float32")
                     + _kd_loss(c.micro_tokens, c.vocab, kind))
         gpu = 0
-    driver = RUNTIME_BYTES + (RAY_BYTES if s.ray_address is None else 0)
+    driver = RUNTIME_BYTES
     if s.strategy == "rungs":
         return _rung_trials(c, driver, ram_each, gpu, train_rate, fwd_rate, not (m1 and m2), device)
     # trained students are deleted once they can no longer win: with one objective at most winners + running
@@ -483,6 +490,8 @@ def make_plan(settings: SearchSettings, resolved: Mapping[str, Any], students: S
     plans = tuple(StagePlan("candidates", 0, RUNTIME_BYTES, 0, 64 * max(1, len(students)), 1.0, True,
                             f"{len(students)} candidates from the config alone") if stage == "candidates"
                   else _STAGE_PLANS[stage](c) for stage in to_run)
+    if settings.ray_address is None:  # the local cluster is up through every stage (measured so: RESULTS.md)
+        plans = tuple(dataclasses.replace(p, cpu_ram_bytes=p.cpu_ram_bytes + RAY_BYTES) for p in plans)
     capacity = int(gpu_memory_gib * GIB)
     problems = _gpu_problems(c, plans, capacity)
     disk = sum(p.disk_bytes for p in plans)

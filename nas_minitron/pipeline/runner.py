@@ -25,6 +25,7 @@ from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
 from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, differences, train_sequences
 from nas_minitron.pipeline.usage import StageUsage
+from nas_minitron.runtime import release_host_memory
 from nas_minitron.teacher import load_teacher_config, load_teacher_tokenizer, resolve_teacher_dir, teacher_pin
 
 __all__ = ["plan_search", "run_search"]
@@ -283,6 +284,9 @@ def _run_stages(run: Run, to_run: tuple[str, ...] = STAGES) -> None:
             extra = STAGE_FUNCTIONS[stage](run) or {}
         wall_s = time.perf_counter() - start
         run.mark(stage, wall_s, **extra, measured=usage.result())
+        if stage == "eval":
+            run.release_teacher()  # the report needs no teacher
+        release_host_memory()  # the next stage starts from what it needs, not from this one's peak
         _update_summary(run, stage, wall_s)
         run.log(f"[{stage}] done in {wall_s:.1f} s")
 
