@@ -77,6 +77,8 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--checkpoint-minutes": ("checkpoint_minutes", float),
     "--gpu-memory-gib": ("gpu_memory_gib", float),
     "--host-memory-gib": ("host_memory_gib", float),
+    "--dmc-cr": ("dmc_cr", str),
+    "--dmc-tokens": ("dmc_tokens", int),
 }
 
 
