@@ -448,7 +448,7 @@ def _dmc(c: _Ctx) -> StagePlan:
     s, st = c.s, c.student
     ratios = dmc_ratios(s)
     if not ratios:
-        return StagePlan("dmc", 0, 0, 0, 0, 0.0, False, "--dmc-cr none: no retrofit")
+        return StagePlan("dmc", 0, RUNTIME_BYTES, 0, 0, 0.0, False, "--dmc-cr none: no retrofit (only its marker)")
     runs = s.winners * len(ratios)
     tokens = runs * s.dmc_tokens
     val_tokens = s.validation_sequences * s.seq_len
