@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
 from nas_minitron.atomic import atomic_directory
+from nas_minitron.distill.checkpoint import latest_checkpoint
 from nas_minitron.dmc.export import record_for, save_dmc_model
 from nas_minitron.dmc.schedule import RetrofitConfig
 from nas_minitron.dmc.settings import DMC_FILE, DMCRecord
@@ -66,6 +67,9 @@ def _retrofit_one(run: Run, winner: dict[str, str], target_cr: float) -> DMCReco
     attention.apply_dmc(student, config.settings)
     student.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` loses torch's signature
     checkpoints = run.path("checkpoints", name)
+    found = latest_checkpoint(checkpoints) if run.resume else None
+    if found is not None:
+        run.log(f"  {name}: continuing from its checkpoint {found.relative_to(run.dir)}")
     stream = run.tokens(full_split(run))
     rows = min(stream.num_sequences, max(s.batch_size, math.ceil(s.dmc_tokens / s.seq_len)))
     train = stream.rows(0, rows)  # [rows, T]: the first --dmc-tokens of the stream (epochs over it if it is shorter)

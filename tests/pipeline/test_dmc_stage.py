@@ -4,12 +4,15 @@ per (winner, ratio), its refusals before any run directory, and its settings (it
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cli_helpers import one_error_line, run_in_process, search
+from cli_helpers import TINY_SEARCH_ARGS, one_error_line, run_in_process, search
 from nas_minitron.errors import UserError
 from nas_minitron.pipeline.settings import SearchSettings, differences, dmc_ratios, resolve_settings
 
@@ -26,36 +29,91 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
-def test_search_retrofits_each_winner_and_resume_redoes_none(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dmc_run(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny search up to its dmc stage with --dmc-cr 2 (one trial, one winner)."""
+    run_dir = tmp_path_factory.mktemp("dmc") / "run"
+    result = search(tiny_teacher_dir, run_dir, *FAST, "--dmc-cr", "2", "--stop-after", "dmc")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir.parent / "stdout.txt").write_text(result.stdout)
+    return run_dir
+
+
+def test_search_writes_dmc_csv_and_loadable_dmc_models(dmc_run: Path) -> None:
     from nas_minitron.dmc import load_dmc_model
 
-    run_dir = tmp_path / "run"
-    first = search(tiny_teacher_dir, run_dir, *FAST, "--dmc-cr", "2", "--stop-after", "dmc")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert not (run_dir / "eval").exists()  # stopped after dmc: eval not run
-    winner = _rows(run_dir / "winners.csv")[0]["name"]
-    [row] = _rows(run_dir / "dmc.csv")
+    assert not (dmc_run / "eval").exists()  # stopped after dmc: eval not run
+    winner = _rows(dmc_run / "winners.csv")[0]["name"]
+    [row] = _rows(dmc_run / "dmc.csv")
     assert row["winner"] == winner and float(row["target_cr"]) == 2.0 and row["path"] == f"dmc/{winner}-cr2"
     achieved = float(row["achieved_cr"])
     assert achieved >= 1.0 and int(row["tokens"]) == 256
-    kv = float(next(c for c in _rows(run_dir / "candidates.csv") if c["name"] == winner)["kv_bytes_per_token"])
+    kv = float(next(c for c in _rows(dmc_run / "candidates.csv") if c["name"] == winner)["kv_bytes_per_token"])
     assert float(row["kv_bytes_per_token"]) == kv
     assert float(row["kv_bytes_per_token_compressed"]) == pytest.approx(kv / achieved)
     assert float(row["val_loss"]) > 0 and float(row["val_kl"]) >= 0
-    assert f"{winner}-cr2: achieved CR" in first.stdout
-    folder = run_dir / row["path"]
-    model, record = load_dmc_model(folder)
+    assert f"{winner}-cr2: achieved CR" in (dmc_run.parent / "stdout.txt").read_text()
+    model, record = load_dmc_model(dmc_run / row["path"])
     assert record.target_cr == 2.0 and record.achieved_cr == pytest.approx(achieved)
     assert record.training["source_model"] == f"winners/{winner}" and record.training["split"] == "train_full"
-    assert not (run_dir / "checkpoints").exists()  # a finished retrofit leaves no checkpoints
-    marker = json.loads((run_dir / "stages" / "dmc.json").read_text())
+    assert not (dmc_run / "checkpoints").exists()  # a finished retrofit leaves no checkpoints
+    marker = json.loads((dmc_run / "stages" / "dmc.json").read_text())
     assert marker["ratios"] == [2.0] and marker["retrofitted"] == [f"{winner}-cr2"]
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = json.loads((dmc_run / "plan.json").read_text())
     assert next(s for s in plan["stages"] if s["stage"] == "dmc")["tokens"] == 256
-    before = _mtimes(folder)
+    # a finished dmc stage fixes its settings
+    changed = run_in_process("search", "--teacher", json.loads((dmc_run / "config.json").read_text())["teacher"],
+                             *TINY_SEARCH_ARGS, *FAST, "--run-dir", str(dmc_run), "--dmc-cr", "8", "--resume")
+    assert "dmc_cr: '2' -> '8'" in one_error_line(changed)
 
-    # The dmc stage cut short after its first (winner, ratio): its marker gone, the ratio 4 added (--dmc-cr may
-    # change until the dmc stage has finished). The finished one is kept as it is, the new one retrofitted.
+
+def test_a_cut_short_retrofit_continues_from_its_checkpoint(dmc_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dmc stage stopped by a crash after a retrofit's step-2 checkpoint: the next one continues from there (in
+    this process, on a copy of the run directory) and ends where the uninterrupted retrofit ended."""
+    from nas_minitron.pipeline import dmc_stage
+    from nas_minitron.pipeline.run_dir import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(dmc_run, run_dir)
+    [done] = _rows(run_dir / "dmc.csv")
+    shutil.rmtree(run_dir / done["path"])
+    (run_dir / "stages" / "dmc.json").unlink()
+    config = json.loads((run_dir / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(SearchSettings)}
+    settings = resolve_settings(None, {k: v for k, v in config.items() if k in fields})
+    logged: list[str] = []
+    run = Run(settings, run_dir, resume=True, log=logged.append)
+    real = dmc_stage.retrofit
+
+    def crash_after_two_steps(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs, stop_after_steps=2)
+        raise RuntimeError("injected crash after the step-2 checkpoint")
+
+    monkeypatch.setattr(dmc_stage, "retrofit", crash_after_two_steps)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        dmc_stage.dmc(run)
+    name = Path(done["path"]).name
+    assert (run_dir / "checkpoints" / name / "step-00000002").is_dir() and not (run_dir / done["path"]).exists()
+    monkeypatch.setattr(dmc_stage, "retrofit", real)
+    dmc_stage.dmc(run)
+    assert f"  {name}: continuing from its checkpoint checkpoints/{name}/step-00000002" in logged
+    [again] = _rows(run_dir / "dmc.csv")
+    assert again["tokens"] == done["tokens"]
+    for key in ("achieved_cr", "val_loss", "val_kl"):
+        assert float(again[key]) == pytest.approx(float(done[key]), rel=1e-4), key
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_resume_keeps_a_finished_ratio_and_retrofits_an_added_one(tiny_teacher_dir: Path, dmc_run: Path,
+                                                                  tmp_path: Path) -> None:
+    """The dmc stage cut short after its first (winner, ratio), resumed with the ratio 4 added (--dmc-cr may change
+    until the dmc stage has finished): the finished one is kept as it is, the new one retrofitted."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(dmc_run, run_dir)
+    winner = _rows(run_dir / "winners.csv")[0]["name"]
+    folder = run_dir / "dmc" / f"{winner}-cr2"
+    before = _mtimes(folder)
     (run_dir / "stages" / "dmc.json").unlink()
     second = search(tiny_teacher_dir, run_dir, *FAST, "--dmc-cr", "2,4", "--stop-after", "dmc", "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -65,13 +123,6 @@ def test_search_retrofits_each_winner_and_resume_redoes_none(tiny_teacher_dir: P
     assert _mtimes(folder) == before
     assert [(r["winner"], r["target_cr"]) for r in _rows(run_dir / "dmc.csv")] == [(winner, "2.0"), (winner, "4.0")]
     assert json.loads((run_dir / "stages" / "dmc.json").read_text())["retrofitted"] == [f"{winner}-cr4"]
-
-    # a finished dmc stage is skipped whole, and its settings may no longer change
-    third = search(tiny_teacher_dir, run_dir, *FAST, "--dmc-cr", "2,4", "--stop-after", "dmc", "--resume")
-    assert third.returncode == 0 and "[dmc] done earlier, skipped" in third.stdout
-    assert _mtimes(folder) == before
-    changed = search(tiny_teacher_dir, run_dir, *FAST, "--dmc-cr", "8", "--stop-after", "dmc", "--resume")
-    assert "dmc_cr: '2,4' -> '8'" in one_error_line(changed)
 
 
 def test_a_bad_ratio_is_refused_in_one_line_before_the_run_dir(tiny_teacher_dir: Path, tmp_path: Path) -> None:
