@@ -5,7 +5,8 @@ Per (winner, ratio): the winner's distilled weights, `apply_dmc`, `retrofit` for
 teacher on the winners' train stream (data/train_full, as the distill stage), validated on the run's validation
 stream, saved as dmc/<winner>-cr<ratio>/ (`save_dmc_model`: a stock directory + dmc.json) in one rename. Its
 dmc.json is the completion marker: --resume never retrains a finished (winner, ratio) and continues an unfinished
-one from its newest checkpoint in checkpoints/<winner>-cr<ratio>/. dmc.csv (`run_dir.DMC_COLUMNS`) has a row per
+one from its newest checkpoint in checkpoints/<winner>-cr<ratio>/ (a finished one made with other retrofit settings is
+refused, as a checkpoint is). dmc.csv (`run_dir.DMC_COLUMNS`) has a row per
 (winner, ratio). With --dmc-cr none the stage writes only its marker ({"ratios": []}), so run directories made
 before it resume unchanged. The DMC variants are not lm-evaluated (the eval stage evaluates the winners).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import gc
 import math
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_minitron._lazy import lazy_import
@@ -24,6 +26,7 @@ from nas_minitron.dmc.export import record_for, save_dmc_model
 from nas_minitron.dmc.schedule import RetrofitConfig
 from nas_minitron.dmc.settings import DMC_FILE, DMCRecord
 from nas_minitron.dmc.train import retrofit
+from nas_minitron.errors import UserError
 from nas_minitron.integrity import write_checksums
 from nas_minitron.pipeline.run_dir import DMC_COLUMNS, DMC_CSV, Run, dmc_name, write_csv
 from nas_minitron.pipeline.settings import dmc_ratios
@@ -78,7 +81,8 @@ def _retrofit_one(run: Run, winner: dict[str, str], target_cr: float) -> DMCReco
     m = result.metrics
     training = {"source_model": winner["path"], "teacher": s.teacher, "data": s.data, "split": full_split(run),
                 "train_sequences": rows, "num_tokens": result.num_tokens, "num_steps": result.num_steps,
-                "stage_steps": list(config.stage_steps()), "config": config.to_dict(), "val_loss": m["val_loss"],
+                "stage_steps": list(config.stage_steps()), "config": config.to_dict(),
+                "config_fingerprint": config.fingerprint(), "val_loss": m["val_loss"],
                 "val_kl": m["val_kl"], "per_head_cr": m["per_head_cr"], "wall_s": round(result.wall_s, 3)}
     record = record_for(student, settings=config.settings, target_cr=target_cr, achieved_cr=m["achieved_cr"],
                         per_layer_cr=m["per_layer_cr"], training=training)
@@ -90,6 +94,17 @@ def _retrofit_one(run: Run, winner: dict[str, str], target_cr: float) -> DMCReco
         run.path("checkpoints").rmdir()
     del student
     gc.collect()
+    return record
+
+
+def _finished(run: Run, folder: Path, target_cr: float) -> DMCRecord:
+    """The record of a finished retrofit; UserError when it was made with other retrofit settings (--dmc-tokens,
+    --seq-len, ... may change on --resume until the dmc stage has finished, but not under a finished retrofit)."""
+    record = DMCRecord.read(folder)
+    made = record.training.get("config_fingerprint")
+    if made is not None and made != _config(run, target_cr).fingerprint():
+        raise UserError(f"{str(folder)!r} was retrofitted with other settings ({record.training.get('config')}); "
+                        f"resume with the settings it was made with, or delete it to retrofit it again.")
     return record
 
 
@@ -106,7 +121,7 @@ def dmc(run: Run) -> dict[str, Any]:
             name = dmc_name(winner["name"], target_cr)
             folder = run.path("dmc", name)
             if (folder / DMC_FILE).is_file():
-                record, done = DMCRecord.read(folder), True
+                record, done = _finished(run, folder, target_cr), True
             else:
                 record, done = _retrofit_one(run, winner, target_cr), False
                 retrained.append(name)

@@ -103,6 +103,10 @@ def test_a_cut_short_retrofit_continues_from_its_checkpoint(dmc_run: Path, tmp_p
     for key in ("achieved_cr", "val_loss", "val_kl"):
         assert float(again[key]) == pytest.approx(float(done[key]), rel=1e-4), key
     assert not (run_dir / "checkpoints").exists()
+    # --dmc-tokens may change before the dmc stage has finished, but a finished retrofit made with others is refused
+    other = Run(dataclasses.replace(settings, dmc_tokens=512), run_dir, resume=True, log=logged.append)
+    with pytest.raises(UserError, match=f"{name}' was retrofitted with other settings"):
+        dmc_stage.dmc(other)
 
 
 def test_resume_keeps_a_finished_ratio_and_retrofits_an_added_one(tiny_teacher_dir: Path, dmc_run: Path,
