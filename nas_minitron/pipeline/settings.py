@@ -161,7 +161,8 @@ class SearchSettings:
     (achieved ratio, validation loss and KL to the teacher); none: no dmc stage work"""
     dmc_tokens: int = 4096
     """retrofit tokens per winner and ratio (KD from the teacher on the winners' train stream); the default is
-    CPU-sized (4 steps of the default 4 x 256 batch, ~2 min per retrofit on 2 cores), far below the paper's
+    CPU-sized (4 steps of the default 4 x 256 batch, ~1.5 min per retrofit of the embedded default's winner on 2
+    cores by the plan's estimate), far below the paper's
     retrofits of billions of tokens: enough to run the stage, not to judge DMC's quality"""
     verify: bool = False
     """check the sha256 of every artifact the run wrote as it is read again (token files, logit cache, trial weights,
