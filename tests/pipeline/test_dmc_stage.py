@@ -129,6 +129,28 @@ def test_resume_keeps_a_finished_ratio_and_retrofits_an_added_one(tiny_teacher_d
     assert json.loads((run_dir / "stages" / "dmc.json").read_text())["retrofitted"] == [f"{winner}-cr4"]
 
 
+def test_a_run_directory_from_before_the_dmc_stage_resumes_with_only_its_marker(dmc_run: Path,
+                                                                               tmp_path: Path) -> None:
+    """No dmc marker, no dmc settings in config.json: --resume runs the dmc stage as --dmc-cr none (its marker only)
+    and changes nothing else."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(dmc_run, run_dir)
+    for path in (run_dir / "dmc", run_dir / "dmc.csv", run_dir / "stages" / "dmc.json"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    config = json.loads((run_dir / "config.json").read_text())
+    for key in ("dmc_cr", "dmc_tokens"):
+        del config[key]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    winners = _mtimes(run_dir / "winners" / _rows(run_dir / "winners.csv")[0]["name"])
+    result = run_in_process("search", "--teacher", config["teacher"], *TINY_SEARCH_ARGS, *FAST[:4], "--run-dir",
+                            str(run_dir), "--resume", "--stop-after", "dmc")  # no --dmc-* flag
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done earlier, skipped") == 6 and "[dmc] done in" in result.stdout
+    marker = json.loads((run_dir / "stages" / "dmc.json").read_text())
+    assert marker["ratios"] == [] and not (run_dir / "dmc.csv").exists() and not (run_dir / "dmc").exists()
+    assert _mtimes(run_dir / "winners" / _rows(run_dir / "winners.csv")[0]["name"]) == winners
+
+
 def test_a_bad_ratio_is_refused_in_one_line_before_the_run_dir(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     for ratio, named in (("0.5", "target compression ratio 0.5 is invalid: it must be a finite number >= 1"),
