@@ -162,8 +162,8 @@ class SearchSettings:
     dmc_tokens: int = 4096
     """retrofit tokens per winner and ratio (KD from the teacher on the winners' train stream); the default is
     CPU-sized (4 steps of the default 4 x 256 batch, ~1.5 min per retrofit of the embedded default's winner on 2
-    cores by the plan's estimate), far below the paper's
-    retrofits of billions of tokens: enough to run the stage, not to judge DMC's quality"""
+    cores by the plan's estimate), far below the paper's retrofits of billions of tokens: enough to run the stage,
+    not to judge DMC's quality"""
     verify: bool = False
     """check the sha256 of every artifact the run wrote as it is read again (token files, logit cache, trial weights,
     winners; a full read of each); without it only their sizes are checked (importance scores and checkpoints are
@@ -354,7 +354,7 @@ def dmc_ratios(s: SearchSettings) -> tuple[float, ...]:
                             f"ratios >= 1, comma-separated (e.g. 2,4).") from None
         except UserError as err:
             raise UserError(f"dmc_cr {s.dmc_cr!r}: {err}") from None
-        if ratio in ratios:
+        if f"{ratio:g}" in {f"{r:g}" for r in ratios}:  # one folder name (dmc/<winner>-cr<ratio:g>) each
             raise UserError(f"dmc_cr {s.dmc_cr!r} lists the ratio {ratio:g} twice.")
         ratios.append(ratio)
     return tuple(ratios)

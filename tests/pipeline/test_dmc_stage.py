@@ -154,7 +154,8 @@ def test_a_run_directory_from_before_the_dmc_stage_resumes_with_only_its_marker(
 def test_a_bad_ratio_is_refused_in_one_line_before_the_run_dir(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     for ratio, named in (("0.5", "target compression ratio 0.5 is invalid: it must be a finite number >= 1"),
-                         ("2,x", "'x' is not a number"), ("2,2", "lists the ratio 2 twice")):
+                         ("2,x", "'x' is not a number"), ("2,2", "lists the ratio 2 twice"),
+                         ("2,2.0000001", "lists the ratio 2 twice")):
         line = one_error_line(run_in_process("search", "--teacher", str(tiny_teacher_dir), "--run-dir",
                                              str(run_dir), "--dmc-cr", ratio))
         assert line.startswith(f"nas-minitron search: error: dmc_cr '{ratio}'") and named in line, line
