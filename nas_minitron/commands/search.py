@@ -77,6 +77,8 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--checkpoint-minutes": ("checkpoint_minutes", float),
     "--gpu-memory-gib": ("gpu_memory_gib", float),
     "--host-memory-gib": ("host_memory_gib", float),
+    "--dmc-cr": ("dmc_cr", str),
+    "--dmc-tokens": ("dmc_tokens", int),
 }
 
 
@@ -107,8 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="search for the best pruned + distilled student at a parameter budget",
         description=(
             "Importance → candidates near the budget → short distillation of Optuna-proposed candidates as Ray Tune "
-            "trials → winners fully distilled → lm-eval → HTML report, all in --run-dir. With no --teacher it runs "
-            "the embedded default (smollm2-135m + builtin data) with CPU-sized defaults (~15 min on 2 cores). "
+            "trials → winners fully distilled → (--dmc-cr: the winners retrofitted with DMC) → lm-eval → HTML "
+            "report, all in --run-dir. With no --teacher it runs the embedded default (smollm2-135m + builtin "
+            "data) with CPU-sized defaults (~15 min on 2 cores). "
             "Flags override --config YAML; the resolved settings are saved in the run directory."
         ),
     )

@@ -3,6 +3,7 @@ value to the cache or merge them into the last entry; retrofitted in a short con
 compressed cache.
 
 - `settings`: `DMCSettings` (window, offsets, temperature) and `DMCRecord`, the `dmc.json` next to a model (stdlib).
+- `support`: `check_supported_config`, which models DMC supports, from the config alone (light).
 - `schedule`: `RetrofitConfig`, the three stages, the fade-out multiplier and the target-CR ramp (stdlib).
 - `attention`: `DMCAttention`, the drop-in `self_attn` (relaxed training path, hard inference path), `apply_dmc`.
 - `cache`: `DMCCache`, the compressed transformers `Cache` (padded per head + lengths), `cache_stats`.
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from nas_minitron.dmc.export import load_dmc_model, save_dmc_model
 from nas_minitron.dmc.schedule import RetrofitConfig
 from nas_minitron.dmc.settings import DMC_FILE, DMCRecord, DMCSettings
+from nas_minitron.dmc.support import check_supported_config
 from nas_minitron.dmc.train import RetrofitResult, compression_penalty, retrofit
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ __all__ = [
     "RetrofitResult",
     "apply_dmc",
     "cache_stats",
+    "check_supported_config",
     "compression_penalty",
     "load_dmc_model",
     "retrofit",

@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_minitron._lazy import lazy_import
-from nas_minitron.dmc.settings import MIN_HEAD_DIM, DMCSettings
-from nas_minitron.errors import UserError
-from nas_minitron.families import SUPPORTED_MODEL_TYPES
+from nas_minitron.dmc.settings import DMCSettings
+from nas_minitron.dmc.support import check_supported_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -283,22 +282,9 @@ def _masks_beyond_causal(mask: torch.Tensor | None) -> bool:
 
 # ---- whole-model helpers ---------------------------------------------------------------------------------------
 def check_supported(model: PreTrainedModel) -> None:
-    """UserError unless the model is a supported family with head_dim >= MIN_HEAD_DIM and full attention only."""
-    config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"model_type {config.model_type!r} has no DMC support; supported: "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim < MIN_HEAD_DIM:
-        raise UserError(f"head_dim {head_dim} is too small for DMC: it gives up one channel per head to the "
-                        f"decision and needs head_dim >= {MIN_HEAD_DIM}.")
-    layer_types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None)
-    sliding = any(t != "full_attention" for t in layer_types) or (
-        config.model_type == "mistral" and window is not None and window < config.max_position_embeddings)
-    if sliding:
-        raise UserError("sliding-window attention is not supported by DMC attention; use a model with full "
-                        "attention in every layer (sliding_window null, or >= max_position_embeddings).")
+    """UserError unless the model is a supported family with head_dim >= MIN_HEAD_DIM and full attention only
+    (`support.check_supported_config` on its config)."""
+    check_supported_config(model.config.to_dict())
 
 
 def apply_dmc(model: PreTrainedModel, settings: DMCSettings | None = None) -> list[DMCAttention]:

@@ -43,9 +43,11 @@ train_short + validation written by the logit_cache stage, train_full by the dis
 by Ray 12 B/P (fp32 weights + AdamW state), one per running trial, deleted when it ends; trained students 4 B/P
 (trial_results/<arch>/), kept while they can still win: winners + running trials with one objective, every trial
 with several; a winner linked from its trial (0) or re-pruned (4 B/P: counted); the full distillation's last 2
-checkpoints (2 x 12 B/P) and its result 4 B/P.
+checkpoints (2 x 12 B/P) and its result 4 B/P; the dmc stage (--dmc-cr) 4 B/P per winner and ratio plus the last 2
+checkpoints of the one it trains (2 x 12 B/P).
 The token streams are memory-mapped: no process holds a stream in RAM (a worker reads its own rows as it trains),
-except the logit-cache pass, which holds the short stream + validation as int64 (and their concatenation).
+except the logit-cache pass, which holds the short stream + validation as int64 (and their concatenation), and the
+dmc stage, which holds its --dmc-tokens rows + validation as int64.
 Time model: tokens / rate, the rate read from THROUGHPUT (tokens/s measured on a model of known size, scaled by
 FLOPs per token, i.e. measured params / model params, and on CPU by threads) plus a per-trial set-up; a KD step
 with a live teacher counts student + teacher / 3 parameters (the teacher runs forward only); see `_rate`.
@@ -67,6 +69,7 @@ from nas_minitron.pipeline.settings import (
     SearchSettings,
     cache_workers,
     calibration_seq_len,
+    dmc_ratios,
     full_distill_workers,
     train_sequences,
 )
@@ -443,6 +446,41 @@ def _distill(c: _Ctx) -> StagePlan:
                      f"{rate:,.0f} tok/s; + {val_tokens:,} validation tokens each")
 
 
+def _dmc(c: _Ctx) -> StagePlan:
+    """--dmc-cr: every winner retrofitted at every ratio in the driver, one after another, as a KD step of the
+    student with a live teacher (no gradient checkpointing, `dmc.train.retrofit`) plus DMC attention's explicit
+    scores (it does not use SDPA: ~2 fp32 [B, heads, T, T] per layer kept for backward, the teacher's head count,
+    estimated); on disk each retrofitted model (4 B/param) and, while it trains, its last 2 checkpoints (12 B/param
+    each, deleted when it is done)."""
+    s, st = c.s, c.student
+    ratios = dmc_ratios(s)
+    if not ratios:
+        return StagePlan("dmc", 0, RUNTIME_BYTES, 0, 0, 0.0, False, "--dmc-cr none: no retrofit (only its marker)")
+    runs = s.winners * len(ratios)
+    tokens = runs * s.dmc_tokens
+    val_tokens = s.validation_sequences * s.seq_len
+    scores = st.num_hidden_layers * s.batch_size * c.teacher.num_attention_heads * s.seq_len ** 2 * 4 * 2
+    rate, _ = _rate(c.driver_device, "train_live", _live_params(st.params, c.teacher_params), DRIVER_THREADS)
+    fwd, _ = _rate(c.driver_device, "forward", st.params + c.teacher_params, DRIVER_THREADS)
+    if c.driver_device == "cuda":
+        ram, gpu = RUNTIME_BYTES + 4 * st.params, (CUDA_CONTEXT_BYTES + 16 * st.params + 2 * c.teacher_params
+                                                   + _activations(st.num_hidden_layers, st.hidden_size,
+                                                                  c.micro_tokens, "bf16")
+                                                   + scores + _kd_loss(c.micro_tokens, c.vocab, "full"))
+    else:
+        ram = (RUNTIME_BYTES + 16 * st.params + 4 * c.teacher_params
+               + _activations(st.num_hidden_layers, st.hidden_size, c.micro_tokens, "float32")
+               + scores + _kd_loss(c.micro_tokens, c.vocab, "full"))
+        gpu = 0
+    ram += 8 * (s.dmc_tokens + val_tokens)  # its train rows and the validation stream, as int64
+    disk = runs * 4 * st.params + 2 * 12 * st.params
+    ratio_text = ", ".join(f"{r:g}" for r in ratios)
+    return StagePlan("dmc", tokens, ram, gpu, disk, runs * (s.dmc_tokens / rate + val_tokens / fwd), True,
+                     f"{s.winners} winner(s) x ratio(s) {ratio_text} x {s.dmc_tokens:,} retrofit tokens, live "
+                     f"teacher, in the driver on {c.driver_device} at {rate:,.0f} tok/s (DMC attention's scores "
+                     f"estimated); + {val_tokens:,} validation tokens each")
+
+
 def _eval(c: _Ctx) -> StagePlan:
     s, st = c.s, c.student
     tasks = max(1, len([t for t in s.eval_tasks.split(",") if t.strip()]))
@@ -468,7 +506,7 @@ def _report(c: _Ctx) -> StagePlan:
 
 
 _STAGE_PLANS = {"importance": _importance, "logit_cache": _logit_cache, "trials": _trials, "winners": _winners,
-                "distill": _distill, "eval": _eval, "report": _report}
+                "distill": _distill, "dmc": _dmc, "eval": _eval, "report": _report}
 
 
 # ---- the plan and what cannot fit ----------------------------------------------------------------------------
@@ -500,7 +538,7 @@ def make_plan(settings: SearchSettings, resolved: Mapping[str, Any], students: S
                         f"free; free space, choose another --run-dir, or lower "
                         f"{'--max-candidates / --screen' if c.s.strategy == 'rungs' else '--trials'} / --full-tokens")
     if total_ram_bytes is not None:  # only the driver's own stages: trials and Ray Train run on the cluster's nodes
-        driver = ("importance", "logit_cache", "eval") + (("distill",) if _full_in_driver(settings) else ())
+        driver = ("importance", "logit_cache", "dmc", "eval") + (("distill",) if _full_in_driver(settings) else ())
         problems.extend(f"stage {p.stage} needs ~{_gib(p.cpu_ram_bytes)} of RAM but this machine has "
                         f"{_gib(total_ram_bytes)}; lower --batch-size or run it on a larger machine"
                         for p in plans if p.stage in driver and p.cpu_ram_bytes > total_ram_bytes)
@@ -547,7 +585,7 @@ def _gpu_problems(c: _Ctx, plans: Sequence[StagePlan], capacity: int) -> list[st
             fix += f", or --batch-size {smaller}"
         problems.append(f"the full distillation needs ~{_gib(full.gpu_bytes_per_device)} per GPU on {workers} "
                         f"GPU(s) but one GPU holds {_gib(capacity)}; {fix}")
-    for stage in ("importance", "logit_cache", "eval"):
+    for stage in ("importance", "logit_cache", "dmc", "eval"):
         p = by_stage.get(stage)
         if p is not None and p.gpu_bytes_per_device > capacity:
             problems.append(f"stage {stage} needs ~{_gib(p.gpu_bytes_per_device)} on the driver's GPU but one GPU "

@@ -33,13 +33,13 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")
 
-__all__ = ["CURVE_COLUMNS", "LOCK_FILE", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS", "Resolved", "Run",
-           "finished_stages", "now", "read_csv", "stage_marker", "write_csv"]
+__all__ = ["CURVE_COLUMNS", "DMC_COLUMNS", "DMC_CSV", "LOCK_FILE", "STAGES", "TRIAL_COLUMNS", "WINNER_COLUMNS",
+           "Resolved", "Run", "dmc_name", "finished_stages", "now", "read_csv", "stage_marker", "write_csv"]
 
 # Run order. Candidates come first although the papers start from importance: they need only the config, so an
 # unreachable budget fails in a second instead of after the importance pass, and they tell importance which
 # contiguous-block sizes (layers dropped) to measure.
-STAGES = ("candidates", "importance", "logit_cache", "trials", "winners", "distill", "eval", "report")
+STAGES = ("candidates", "importance", "logit_cache", "trials", "winners", "distill", "dmc", "eval", "report")
 
 TRIAL_COLUMNS = ("trial_id", "number", "name", "num_hidden_layers", "hidden_size", "intermediate_size",
                  "num_attention_heads", "num_key_value_heads", "params", "status", "wall_s", "num_tokens",
@@ -49,6 +49,11 @@ CURVE_COLUMNS = ("trial_id", "name", "step", "num_tokens", "val_loss", "val_kl")
 # source: "trial" (continued from its trial's trained weights) or "pruned" (re-cut from the teacher); tokens_seen:
 # tokens its weights had seen when it won (its trial's); total_tokens: trial + full distillation, once distilled.
 WINNER_COLUMNS = ("rank", "name", "params", "val_loss", "val_kl", "path", "source", "tokens_seen", "total_tokens")
+# dmc.csv, one row per (winner, target ratio) of --dmc-cr: achieved_cr measured on the validation stream with hard
+# decisions; kv_bytes_per_token the winner's (candidates.csv), _compressed = that / achieved_cr.
+DMC_CSV = "dmc.csv"
+DMC_COLUMNS = ("winner", "target_cr", "achieved_cr", "val_loss", "val_kl", "kv_bytes_per_token",
+               "kv_bytes_per_token_compressed", "tokens", "wall_s", "path")
 LOCK_FILE = ".lock"  # held (fcntl) by the driver that runs the search in this directory
 
 Log = Callable[[str], None]
@@ -62,6 +67,11 @@ def stage_marker(run_dir: Path, stage: str) -> Path:
 def finished_stages(run_dir: Path) -> list[str]:
     """The stages whose marker exists, in run order."""
     return [stage for stage in STAGES if stage_marker(run_dir, stage).is_file()]
+
+
+def dmc_name(winner: str, target_cr: float) -> str:
+    """The folder (under dmc/) and checkpoint name of a winner retrofitted at one ratio: `<winner>-cr<ratio>`."""
+    return f"{winner}-cr{target_cr:g}"
 
 
 def now() -> str:

@@ -17,10 +17,11 @@ from typing import IO, Any
 from nas_minitron.arch import Budget, count_params
 from nas_minitron.atomic import check_writable_dir, nearest_existing, write_json_atomic
 from nas_minitron.data import iter_sequences
+from nas_minitron.dmc.support import check_supported_config
 from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import find_tasks, resolve_tasks
 from nas_minitron.families import describe
-from nas_minitron.pipeline import halving_stage, importance_stage, stages
+from nas_minitron.pipeline import dmc_stage, halving_stage, importance_stage, stages
 from nas_minitron.pipeline.plan import PLAN_FILE, Plan, StudentShape, make_plan
 from nas_minitron.pipeline.run_dir import LOCK_FILE, STAGES, Log, Run, finished_stages, now, stage_marker
 from nas_minitron.pipeline.settings import SearchSettings, calibration_seq_len, differences, train_sequences
@@ -38,6 +39,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any] | None]] = {
     "trials": lambda run: (halving_stage.rung_trials if run.settings.strategy == "rungs" else stages.trials)(run),
     "winners": stages.winners,
     "distill": stages.distill_winners,
+    "dmc": dmc_stage.dmc,
     "eval": stages.evaluate,
     "report": stages.report,
 }
@@ -133,6 +135,12 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
         if found is None:  # resumed: the candidates stage found these same ones
             found = stages.find_candidates(settings, resolved["budget_params"])[2]
         importance_stage.check_reused(settings, resolved, (c.arch.num_hidden_layers for c in found))
+    if settings.dmc_cr is not None and "dmc" in to_run and "dmc" not in finished_stages(run_dir):
+        try:  # the winners keep the teacher's family, head_dim and attention: its config decides
+            check_supported_config(load_teacher_config(settings.teacher, settings.cache_dir,
+                                                       revision=settings.teacher_revision))
+        except UserError as err:
+            raise UserError(f"--dmc-cr: the teacher's winners cannot be retrofitted: {err}") from None
     if "eval" in to_run and "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours
         find_tasks(list(resolve_tasks(settings.eval_tasks)))
     if data:

@@ -20,13 +20,14 @@ from typing import Any
 
 import yaml
 
+from nas_minitron.dmc.settings import check_target_cr
 from nas_minitron.errors import UserError
 from nas_minitron.search.protocol import SAMPLERS
 from nas_minitron.search.winners import OBJECTIVES
 
 __all__ = ["LATE_KEYS", "NONE_WORDS", "PINNED_KEYS", "PRESETS_DIR", "RUNTIME_KEYS", "SearchSettings", "cache_workers",
-           "calibration_seq_len", "differences", "full_distill_workers", "optional_setting", "resolve_settings",
-           "run_preset", "run_preset_names", "train_sequences"]
+           "calibration_seq_len", "differences", "dmc_ratios", "full_distill_workers", "optional_setting",
+           "resolve_settings", "run_preset", "run_preset_names", "train_sequences"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,15 @@ class SearchSettings:
     host_memory_gib: float | None = None
     """CPU RAM (GiB) of the machine the driver's stages run on, that the resource plan checks them against (to plan
     a run for another machine with --dry-run); none: this machine's"""
+    dmc_cr: str | None = None
+    """after the full distillation, retrofit every winner with Dynamic Memory Compression at each of these target
+    KV-cache compression ratios (comma-separated, each >= 1, e.g. 2,4): dmc/<winner>-cr<ratio>/ and dmc.csv
+    (achieved ratio, validation loss and KL to the teacher); none: no dmc stage work"""
+    dmc_tokens: int = 4096
+    """retrofit tokens per winner and ratio (KD from the teacher on the winners' train stream); the default is
+    CPU-sized (4 steps of the default 4 x 256 batch, ~1.5 min per retrofit of the embedded default's winner on 2
+    cores by the plan's estimate), far below the paper's retrofits of billions of tokens: enough to run the stage,
+    not to judge DMC's quality"""
     verify: bool = False
     """check the sha256 of every artifact the run wrote as it is read again (token files, logit cache, trial weights,
     winners; a full read of each); without it only their sizes are checked (importance scores and checkpoints are
@@ -176,7 +186,7 @@ RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "ca
 # given as its commit, or the other way round, is the same teacher.
 PINNED_KEYS = frozenset({"teacher_revision"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
-LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval"}
+LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval", "dmc_cr": "dmc", "dmc_tokens": "dmc"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
 NONE_WORDS = ("none", "null")  # `--eval-limit none` (YAML's null) unsets an optional setting
 
@@ -187,6 +197,8 @@ def optional_setting(name: str) -> bool:
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
+    if name == "dmc_cr" and isinstance(value, (list, tuple, int, float)) and not isinstance(value, bool):
+        return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)  # YAML: 2 or [2, 4]
     if name == "objectives":
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(str(v).strip() for v in items if str(v).strip())
@@ -290,6 +302,7 @@ def _validate(s: SearchSettings) -> None:
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"device must be auto, cpu or cuda, but got {s.device!r}")
     problems.extend(_full_distill_problems(s))
+    problems.extend(_dmc_problems(s))
     if problems:
         raise UserError("; ".join(problems) + ".")
 
@@ -325,6 +338,40 @@ def _strategy_problems(s: SearchSettings) -> list[str]:
             search_rungs(s)
         except UserError as err:
             problems.append(str(err).rstrip("."))
+    return problems
+
+
+def dmc_ratios(s: SearchSettings) -> tuple[float, ...]:
+    """The target compression ratios of --dmc-cr, in the order given (empty for none); UserError on a bad one."""
+    if s.dmc_cr is None:
+        return ()
+    ratios: list[float] = []
+    for item in s.dmc_cr.split(","):
+        try:
+            ratio = check_target_cr(float(item))
+        except ValueError:
+            raise UserError(f"dmc_cr {s.dmc_cr!r}: {item.strip()!r} is not a number; give target compression "
+                            f"ratios >= 1, comma-separated (e.g. 2,4).") from None
+        except UserError as err:
+            raise UserError(f"dmc_cr {s.dmc_cr!r}: {err}") from None
+        if f"{ratio:g}" in {f"{r:g}" for r in ratios}:  # one folder name (dmc/<winner>-cr<ratio:g>) each
+            raise UserError(f"dmc_cr {s.dmc_cr!r} lists the ratio {ratio:g} twice.")
+        ratios.append(ratio)
+    return tuple(ratios)
+
+
+def _dmc_problems(s: SearchSettings) -> list[str]:
+    problems = []
+    try:
+        ratios = dmc_ratios(s)
+    except UserError as err:
+        problems.append(str(err).rstrip("."))
+        ratios = ()
+    if s.dmc_tokens < 1:
+        problems.append(f"dmc_tokens must be >= 1, but got {s.dmc_tokens!r}")
+    elif ratios and s.seq_len >= 1 and s.batch_size >= 1 and s.dmc_tokens < s.seq_len * s.batch_size:
+        problems.append(f"dmc_tokens ({s.dmc_tokens}) is less than one retrofit step of seq_len x batch_size = "
+                        f"{s.seq_len * s.batch_size} tokens")
     return problems
 
 

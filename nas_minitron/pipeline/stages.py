@@ -84,8 +84,9 @@ else:
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
 
-__all__ = ["check_shared_run_dir", "candidates", "distill_winners", "evaluate", "find_candidates", "logit_cache",
-           "report", "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most", "winners"]
+__all__ = ["candidates", "check_shared_run_dir", "distill_winners", "evaluate", "find_candidates", "full_split",
+           "load_student", "logit_cache", "report", "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most",
+           "winners"]
 
 DEFAULT_CPU_SPACE = "smollm2-135m-cpu"  # the embedded default's space: few depths keep importance short on CPU
 
@@ -457,7 +458,7 @@ def winners(run: Run) -> dict[str, Any]:
     return {"winners": [t["name"] for t in table], "sources": [t["source"] for t in table]}
 
 
-def _load_student(run: Run, folder: Path, device: str) -> PreTrainedModel:
+def load_student(run: Run, folder: Path, device: str) -> PreTrainedModel:
     """A saved student in float32 (the master weights a distillation steps) on `device`, checked against its
     checksums first."""
     _check_student(run, folder)
@@ -517,7 +518,7 @@ def _full_config(run: Run, params: int, where: _FullPlacement) -> DistillConfig:
     return dataclasses.replace(config, eval_every_tokens=every_steps * config.tokens_per_step(where.workers))
 
 
-def _full_split(run: Run) -> str:
+def full_split(run: Run) -> str:
     """The winners' token stream: the sequences after the trials' (older run directories without it: all)."""
     return "train" if run.legacy_data() and not run.data_path("train_full").is_file() else "train_full"
 
@@ -538,20 +539,20 @@ def _distill_winner(run: Run, row: dict[str, str], where: _FullPlacement) -> tup
     with atomic_directory(folder, overwrite=True) as tmp:
         if where.in_driver:
             teacher, _ = run.teacher()
-            student = _load_student(run, folder, where.device)
+            student = load_student(run, folder, where.device)
 
             def on_eval(point: EvalPoint) -> None:
                 log(point)
                 for label in (name, f"winner-{row['rank']}"):  # tests inject a fault by arch name or by rank
                     fault_after_checkpoint(label, point.step)
 
-            result = distill(student, run.tokens(_full_split(run)).batches(config.batch_size),
+            result = distill(student, run.tokens(full_split(run)).batches(config.batch_size),
                              run.tokens("validation").tensor(), config,
                              teacher=teacher, checkpoint_dir=checkpoints, resume=run.resume, on_eval=on_eval)
             save_distilled(tmp, student, None, result, config=config, teacher=s.teacher,
                            student_source=row["path"], data=s.data)
         else:  # the driver holds no model: every worker loads its own, the token files go by path
-            result = distill_ray(folder, run.data_path(_full_split(run)), run.data_path("validation"), config,
+            result = distill_ray(folder, run.data_path(full_split(run)), run.data_path("validation"), config,
                                  storage_path=run.path("ray_train"), num_workers=where.workers,
                                  use_gpu=where.on_gpus, strategy=where.strategy,
                                  teacher_dir=resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision),
@@ -611,7 +612,7 @@ def evaluate(run: Run) -> dict[str, Any]:
     teacher, tokenizer = run.teacher()
     device = run.device()
     models = [("teacher", teacher)] + [
-        (row["name"], _load_student(run, run.path(row["path"]), device))
+        (row["name"], load_student(run, run.path(row["path"]), device))
         for row in run.winner_rows()
     ]
     results, speeds = [], []

@@ -25,9 +25,10 @@ from nas_minitron.atomic import atomic_directory, check_output_dir, check_output
 from nas_minitron.distill.result import RECORD_FILE
 from nas_minitron.errors import UserError, first_line
 from nas_minitron.evaluate.harness import eval_table, read_eval, wide_table
-from nas_minitron.pipeline.run_dir import STAGES, stage_marker
+from nas_minitron.pipeline.run_dir import DMC_CSV, STAGES, stage_marker
 from nas_minitron.prune.scores import ImportanceScores
 from nas_minitron.report.plots import (
+    dmc_figure,
     eval_figures,
     human,
     importance_figures,
@@ -51,7 +52,7 @@ else:
 __all__ = ["Section", "default_report_path", "write_report"]
 
 _STAGE_OUTPUT = {"importance": "importance", "candidates": "candidates.csv", "trials": "trials.csv",
-                 "winners": "winners.csv", "eval": "eval/results.json"}  # fmt: skip
+                 "winners": "winners.csv", "dmc": DMC_CSV, "eval": "eval/results.json"}  # fmt: skip
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 
@@ -105,7 +106,7 @@ def _summary(section: Section, run_dir: Path, stages: pd.DataFrame, trials: pd.D
     config, summary = _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json")
     facts: dict[str, Any] = {"run": run_dir.resolve().name}
     for key in ("teacher", "teacher_arch", "teacher_params", "budget", "budget_params", "data", "space", "trials",
-                "short_tokens", "winners", "full_tokens", "objectives", "seq_len", "seed"):  # fmt: skip
+                "short_tokens", "winners", "full_tokens", "dmc_cr", "objectives", "seq_len", "seed"):  # fmt: skip
         value = summary.get(key, config.get(key))
         if value is not None:
             facts[key] = ", ".join(map(str, value)) if isinstance(value, list) else value
@@ -269,6 +270,21 @@ def _rungs(section: Section, run_dir: Path) -> None:
                          "this rung's candidates; top1_same = the best here was the best of them before.")
 
 
+def _dmc(section: Section, run_dir: Path) -> None:
+    dmc = _read_csv(run_dir / DMC_CSV)
+    if dmc is None:
+        return
+    distill = {p.parent.name: _read_json(p) for p in sorted((run_dir / "winners").glob(f"*/{RECORD_FILE}"))}
+    fig, points = dmc_figure(dmc, distill)
+    section.figures.append(fig)
+    section.tables.update(dmc=dmc, dmc_points=points)
+    section.notes.append("Each winner retrofitted with Dynamic Memory Compression (dmc/<winner>-cr<ratio>/, load with "
+                         "nas_minitron.dmc.load_dmc_model) at each --dmc-cr ratio. achieved_cr: tokens per KV-cache "
+                         "entry on the validation sequences with hard decisions; val_kl: KL(teacher || model) on the "
+                         "same validation sequences as the full distillation (the star: the winner uncompressed). "
+                         "The DMC variants are not lm-evaluated; short CPU-sized retrofits say little about quality.")
+
+
 def _build_sections(run_dir: Path) -> tuple[list[Section], list[str]]:
     stages = _stage_status(run_dir)
     trials, winners = _read_csv(run_dir / "trials.csv"), _read_csv(run_dir / "winners.csv")
@@ -278,6 +294,8 @@ def _build_sections(run_dir: Path) -> tuple[list[Section], list[str]]:
     if (run_dir / "rungs.csv").is_file() or _read_json(run_dir / "config.json").get("strategy") == "rungs":
         sections.append(_guarded(Section("rungs", "Successive halving: rungs"), _rungs, run_dir))
     sections += _search_sections(run_dir, trials, winners)
+    if (run_dir / DMC_CSV).is_file():
+        sections.append(_guarded(Section("dmc", "DMC: KV-cache compression"), _dmc, run_dir))
     sections.append(_guarded(Section("importance", "Importance"), _importance, run_dir))
     sections.append(_guarded(Section("eval", "Evaluation"), _evaluation, run_dir))
     missing = [f"{row.stage} ({row.status})" for row in stages.itertuples() if row.status != "complete"]

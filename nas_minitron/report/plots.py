@@ -22,6 +22,7 @@ else:
     go = lazy_import("plotly.graph_objects")
 
 __all__ = [
+    "dmc_figure",
     "eval_figures",
     "human",
     "importance_figures",
@@ -208,6 +209,37 @@ def eval_figures(wide: pd.DataFrame, speed: pd.DataFrame) -> list[go.Figure]:
         fig.add_bar(x=speed["model"], y=speed["decode_tok_s"], name="decode")
         figs.append(fig)
     return figs
+
+
+def dmc_figure(dmc: pd.DataFrame, distill: dict[str, dict[str, Any]]) -> tuple[go.Figure, pd.DataFrame]:
+    """Quality vs KV-cache size of the DMC retrofits (dmc.csv): validation KL to the teacher against KV bytes per
+    token over achieved CR, a line per winner from its uncompressed self (ratio 1: its full distillation's val KL,
+    distill.json, when it has one) through its retrofits in order of achieved ratio."""
+    fig = _fig(title="DMC: validation KL vs KV-cache bytes per token (compressed by the achieved ratio)",
+               xaxis=dict(title="KV-cache bytes per token / achieved CR", type="log"),
+               yaxis_title="validation KL to the teacher")
+    rows = []
+    for name, part in dmc.groupby("winner", sort=False):
+        kv = pd.to_numeric(part["kv_bytes_per_token"], errors="coerce")
+        base = distill.get(str(name), {})
+        if base.get("val_kl") is not None and kv.notna().any():
+            rows.append(dict(winner=name, target_cr=1.0, achieved_cr=1.0, val_kl=float(base["val_kl"]),
+                             kv_bytes_per_token_compressed=float(kv.dropna().iloc[0]), kind="uncompressed"))
+        for row in part.itertuples():
+            rows.append(dict(winner=name, target_cr=float(row.target_cr), achieved_cr=float(row.achieved_cr),
+                             val_kl=row.val_kl, kv_bytes_per_token_compressed=row.kv_bytes_per_token_compressed,
+                             kind="dmc"))
+    columns = ["winner", "target_cr", "achieved_cr", "val_kl", "kv_bytes_per_token_compressed", "kind"]
+    table = pd.DataFrame(rows, columns=columns)
+    for name, part in table.groupby("winner", sort=False):
+        part = part.sort_values("achieved_cr")
+        labels = [f"{name}<br>target {t:g}, achieved {a:.2f}" if k == "dmc" else f"{name}<br>uncompressed"
+                  for t, a, k in zip(part["target_cr"], part["achieved_cr"], part["kind"])]
+        fig.add_scatter(x=part["kv_bytes_per_token_compressed"], y=part["val_kl"], text=labels, name=str(name),
+                        mode="lines+markers", marker=dict(size=10, symbol=["circle" if k == "dmc" else "star"
+                                                                          for k in part["kind"]]),
+                        hovertemplate="%{text}<br>%{x:.4g} B/token<br>val KL %{y:.4f}<extra></extra>")
+    return fig, table
 
 
 def human(n: float) -> str:

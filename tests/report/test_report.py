@@ -69,6 +69,36 @@ def test_full_report_is_self_contained_with_csvs(
     assert not list(tmp_path.glob("reports/.*"))  # no temporary leftovers
 
 
+def test_dmc_results_get_a_table_and_a_chart_only_when_dmc_csv_exists(runs: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from nas_minitron.pipeline.run_dir import DMC_COLUMNS, write_csv
+
+    without = write_report(runs["full"], tmp_path / "without" / "report.html")
+    assert '<section id="dmc">' not in without.read_text() and not (without.parent / "dmc.csv").exists()
+    run = tmp_path / "run-dmc"
+    shutil.copytree(runs["full"], run)
+    winners = pd.read_csv(run / "winners.csv")
+    kv = pd.read_csv(run / "candidates.csv").set_index("name")["kv_bytes_per_token"]
+    rows = [dict(winner=name, target_cr=cr, achieved_cr=cr - 0.3, val_loss=5.0, val_kl=0.1 * cr,
+                 kv_bytes_per_token=kv[name], kv_bytes_per_token_compressed=kv[name] / (cr - 0.3), tokens=256,
+                 wall_s=1.0, path=f"dmc/{name}-cr{cr:g}") for name in winners["name"] for cr in (2.0, 4.0)]
+    write_csv(run / "dmc.csv", rows, DMC_COLUMNS)
+    path = write_report(run, tmp_path / "with" / "report.html")
+    page = path.read_text()
+    assert '<section id="dmc">' in page and "not available:" not in page
+    assert page.count("Plotly.newPlot(") == without.read_text().count("Plotly.newPlot(") + 1
+    assert pd.read_csv(path.parent / "dmc.csv").shape == (2 * len(winners), len(DMC_COLUMNS))
+    points = pd.read_csv(path.parent / "dmc_points.csv")
+    # one point per winner x ratio, plus each winner uncompressed at ratio 1 with its full distillation's val KL
+    assert len(points) == 3 * len(winners)
+    for name in winners["name"]:
+        base = points[(points["winner"] == name) & (points["kind"] == "uncompressed")].iloc[0]
+        assert base["achieved_cr"] == 1.0 and base["kv_bytes_per_token_compressed"] == kv[name]
+        assert base["val_kl"] == json.loads((run / "winners" / name / "distill.json").read_text())["val_kl"]
+
+
 def test_partial_report_marks_missing_stages(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "custom" / "partial.html"
     path = write_report(runs["partial"], out)
@@ -77,7 +107,8 @@ def test_partial_report_marks_missing_stages(runs: dict[str, Path], tmp_path: Pa
     missing = re.search(r'<section id="missing".*?missing: ([^<]*)</p>', page, re.S)
     assert missing is not None
     assert missing.group(1) == (
-        "logit_cache (missing), trials (in progress), winners (missing), distill (missing), eval (missing)"
+        "logit_cache (missing), trials (in progress), winners (missing), distill (missing), dmc (missing), "
+        "eval (missing)"
     )
     assert "not available: eval/results.json is missing" in page
     assert not _external_refs(page)
