@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-batch", type=int, default=16,
+                        help="sequences of the memory comparison (more positions than one 1024-position chunk)")
     args = parser.parse_args()
     print(f"machine: {platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
@@ -95,12 +97,12 @@ def main() -> None:
               f"ratio one / workers {t_one / t_many:.2f}; identical arrays: {same}")
         assert same
 
-    batch = sequences[: args.batch_size]
+    batch = sequences[: args.memory_batch]
     with torch.no_grad():  # the chunked head first: whatever the first leaves in the heap favours the second
         chunked = _peak_bytes(lambda: teacher_topk(teacher, batch, args.topk))
         release_host_memory()
         full = _peak_bytes(lambda: topk_targets(teacher(input_ids=batch).logits, args.topk))
-    print(f"peak RSS growth of one batch ({args.batch_size} x {args.seq_len}): full logits {full / 2**20:,.0f} MiB, "
+    print(f"peak RSS growth of one batch ({len(batch)} x {args.seq_len}): full logits {full / 2**20:,.0f} MiB, "
           f"chunked head {chunked / 2**20:,.0f} MiB (ratio {full / max(1, chunked):.1f}x)")
 
 

@@ -42,9 +42,9 @@ train_short + validation written by the logit_cache stage, train_full by the dis
 (4 + topk x (2 + 4)) (int32 tokens, fp16 log-probs, int32 ids); a trial's checkpoint copied into the run directory
 by Ray 12 B/P (fp32 weights + AdamW state), one per running trial, deleted when it ends; trained students 4 B/P
 (trial_results/<arch>/), kept while they can still win: winners + running trials with one objective, every trial
-with several; a winner linked from its trial (0) or re-pruned (4 B/P: counted); the full distillation's last 2
-checkpoints (2 x 12 B/P) and its result 4 B/P; the dmc stage (--dmc-cr) 4 B/P per winner and ratio plus the last 2
-checkpoints of the one it trains (2 x 12 B/P).
+with several; a winner linked from its trial (0; re-pruned, 4 B/P, only when its trial weights are missing: not
+counted); the full distillation's last 2 checkpoints (2 x 12 B/P) and its result 4 B/P; the dmc stage (--dmc-cr)
+4 B/P per winner and ratio plus the last 2 checkpoints of the one it trains (2 x 12 B/P).
 The token streams are memory-mapped: no process holds a stream in RAM (a worker reads its own rows as it trains),
 except the logit-cache pass, which holds the short stream + validation as int64 (and their concatenation), and the
 dmc stage, which holds its --dmc-tokens rows + validation as int64.
@@ -399,8 +399,9 @@ def _rung_trials(c: _Ctx, driver: int, ram_each: int, gpu: int, train_rate: floa
 
 def _winners(c: _Ctx) -> StagePlan:
     st = c.student
-    return StagePlan("winners", 0, RUNTIME_BYTES + 4 * st.params, 0, c.s.winners * 4 * st.params, 1.0, True,
-                     "winners linked from their trials (0 B) or re-pruned (4 B/param: counted)")
+    return StagePlan("winners", 0, RUNTIME_BYTES + 4 * st.params, 0, 0, 1.0, True,
+                     "winners hard-linked from their trials' weights (0 B; the trials stage counts those); one whose "
+                     f"trial weights are missing is re-pruned from the teacher, {4 * st.params:,} B each")
 
 
 def _full_gpu_bytes(c: _Ctx, workers: int, batch_size: int | None = None) -> int:

@@ -149,6 +149,7 @@ def _cache_arrays(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.concatenate([np.asarray(a) for a in cache.indices]))
 
 
+@pytest.mark.slow  # two tiny searches (~55 s); test_two_ray_workers_build_what_one_process_builds stays in CI
 def test_search_builds_the_same_cache_on_two_ray_workers(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     import json
 
