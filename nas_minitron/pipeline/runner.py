@@ -115,11 +115,12 @@ def _check_scratch_dir(scratch_dir: str | None) -> None:
 
 
 def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path, new: bool,
-               to_run: tuple[str, ...] = STAGES, data: bool = True) -> None:
+               to_run: tuple[str, ...] = STAGES, data: bool = True) -> list[str]:
     """Everything a later stage would refuse, refused now: before the run directory or any work.
 
     `to_run`: the stages this invocation may run (all, or up to --stop-after); `data`: also check that --data is
-    long enough (tokenizes it up to the sequences the run needs; --dry-run leaves it to the run)."""
+    long enough (tokenizes it up to the sequences the run needs; --dry-run leaves it to the run). Returns the notes
+    the run logs at start."""
     _check_scratch_dir(settings.scratch_dir)
     found = None
     if new:
@@ -143,33 +144,48 @@ def _preflight(settings: SearchSettings, resolved: dict[str, Any], run_dir: Path
             raise UserError(f"--dmc-cr: the teacher's winners cannot be retrofitted: {err}") from None
     if "eval" in to_run and "eval" not in finished_stages(run_dir):  # a typo in --eval-tasks, not after hours
         find_tasks(list(resolve_tasks(settings.eval_tasks)))
-    if data:
-        _check_data(settings, run_dir, to_run)
+    return _check_data(settings, run_dir, to_run) if data else []
 
 
-def _check_data(settings: SearchSettings, run_dir: Path, to_run: tuple[str, ...]) -> None:
+# Tokens of the train split the pre-flight scan reads at most (~1-2 min on 2 CPUs, RESULTS.md "Token streams"):
+# beyond it, the winners' stream is checked by the distill stage that tokenizes it (tokens.write_stream refuses a
+# split that runs out, keeping what it wrote) instead of scanning billions of tokens before the run starts.
+EXACT_SCAN_TOKENS = 20_000_000
+
+
+def _check_data(settings: SearchSettings, run_dir: Path, to_run: tuple[str, ...]) -> list[str]:
     """UserError unless --data is readable and long enough for the stages still to run: the calibration split for
     importance (at --calib-seq-len; none when --importance reuses scores), the train split for the trials' and the
     winners' token streams and the validation split (the logit_cache stage cuts them). Tokenizes only up to the
-    sequences they need."""
+    sequences they need, and the winners' part of the train split only while the train split needed stays within
+    EXACT_SCAN_TOKENS; returns the notes to log (what was left to the distill stage)."""
     done = set(finished_stages(run_dir))
     s = settings
-    train = train_sequences(s, s.short_tokens) + train_sequences(s, s.full_tokens)
+    short, full = train_sequences(s, s.short_tokens), train_sequences(s, s.full_tokens)
+    notes = []
+    if (short + full) * s.seq_len <= EXACT_SCAN_TOKENS:
+        train, train_why = short + full, "--short-tokens + --full-tokens"
+    else:
+        train, train_why = short, "--short-tokens"
+        notes.append(f"--data: the train split is checked here for the trials' {short:,} sequences only; the "
+                     f"winners' {full:,} more ({full * s.seq_len:,} tokens, --full-tokens) are checked as the distill "
+                     f"stage tokenizes them (scanning them now would take ~{full * s.seq_len / 3e5 / 60:,.0f} min)")
     calib_flag = "--seq-len" if s.calib_seq_len is None else "--calib-seq-len"
     needs = [(split, count, seq_len, why, flag) for stage, split, count, seq_len, why, flag in (
         ("importance", "calibration", s.calibration_samples, calibration_seq_len(s), "--calibration-samples",
          calib_flag),
-        ("logit_cache", "train", train, s.seq_len, "--short-tokens + --full-tokens", "--seq-len"),
+        ("logit_cache", "train", train, s.seq_len, train_why, "--seq-len"),
         ("logit_cache", "validation", s.validation_sequences, s.seq_len, "--validation-sequences", "--seq-len"),
     ) if stage in to_run and stage not in done and not (stage == "importance" and s.importance is not None)]
     if not needs:
-        return
+        return []
     tokenizer = load_teacher_tokenizer(resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision, weights=False))
     for split, count, seq_len, why, flag in needs:
         found = sum(1 for _ in itertools.islice(iter_sequences(s.data, tokenizer, split, seq_len, s.seed), count))
         if found < count:
             raise UserError(f"--data {s.data!r}: its {split} split holds {found} sequences of {seq_len} tokens, but "
                             f"this search needs {count} ({why}); use more data, a shorter {flag}, or lower {why}.")
+    return notes
 
 
 def _lock(run_dir: Path) -> IO[str]:
@@ -246,7 +262,7 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
     new = _check_run_dir(run_dir, resume, settings)
     resolved = _resolve(settings)
     _check_pin(run_dir, resolved, new)
-    _preflight(settings, resolved, run_dir, new, to_run)
+    notes = _preflight(settings, resolved, run_dir, new, to_run)
     plan = _plan(settings, resolved, run_dir, to_run)
     _refuse_unfit(plan)  # before Ray and before the run directory exists
     log(f"run directory {run_dir} ({'resumed' if not new else 'new'}): teacher {resolved['teacher_arch']}, "
@@ -257,6 +273,8 @@ def run_search(settings: SearchSettings, run_dir: Path, resume: bool, log: Log =
         f"~{totals['seconds'] / 60:.0f} min (estimates; --dry-run for the table)")
     for warning in plan.warnings:
         log(f"warning: {warning}")
+    for note in notes:
+        log(note)
     if not stage_marker(run_dir, "trials").is_file():
         stages.start_ray(settings, resolved, log)  # unreachable cluster or too small: refused up front
     try:

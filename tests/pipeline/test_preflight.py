@@ -7,6 +7,7 @@ no stage can be started over by the corrected command; eval settings may change 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 from pathlib import Path
@@ -138,3 +139,30 @@ def test_stop_after_runs_up_to_a_stage_and_leaves_later_checks_to_the_resume(
     assert sorted(p.stem for p in (run_dir / "stages").glob("*.json")) == ["candidates"]
     bad = one_error_line(search(tiny_teacher_dir, tmp_path / "other", "--stop-after", "nothing"))
     assert "--stop-after" in bad and "candidates" in bad and not (tmp_path / "other").exists()
+
+
+def test_the_winners_stream_is_left_to_the_distill_stage_beyond_the_scan_limit(
+    tiny_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pre-flight tokenizes at most EXACT_SCAN_TOKENS of the train split: past that, only the trials' part is checked
+    here and the winners' part by the stage that tokenizes it (which refuses a split that runs out)."""
+    from nas_minitron.data import iter_sequences
+    from nas_minitron.pipeline import runner
+    from nas_minitron.teacher import load_teacher_tokenizer
+
+    lines = [json.dumps({"text": f"document {i}: " + "some words of text " * 40}) for i in range(60)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    tokenizer = load_teacher_tokenizer(str(tiny_teacher_dir))
+    have = sum(1 for _ in iter_sequences(str(data), tokenizer, "train", 32, 0))
+    assert have >= 4
+    s = SearchSettings(teacher=str(tiny_teacher_dir), data=str(data), seq_len=32, batch_size=2, calibration_samples=1,
+                       validation_sequences=1, short_tokens=2 * 32, full_tokens=have * 32)  # short fits, both do not
+    with pytest.raises(UserError, match=r"train split holds .* needs .* \(--short-tokens \+ --full-tokens\)"):
+        runner._check_data(s, tmp_path / "run", STAGES)
+    monkeypatch.setattr(runner, "EXACT_SCAN_TOKENS", 32)
+    notes = runner._check_data(s, tmp_path / "run", STAGES)
+    assert len(notes) == 1 and f"winners' {have:,} more" in notes[0] and "distill stage" in notes[0]
+    too_short = dataclasses.replace(s, short_tokens=(have + 1) * 32)
+    with pytest.raises(UserError, match=r"\(--short-tokens\)"):  # the trials' part is always checked
+        runner._check_data(too_short, tmp_path / "run", STAGES)
