@@ -159,7 +159,7 @@ def teacher_topk(teacher: PreTrainedModel, input_ids: torch.Tensor, topk: int,
     at a time, so a large batch of an 8B teacher (128k vocabulary: 0.5 MB of fp32 logits per position) never holds
     [B, T, V] logits. Equal to `topk_targets(teacher(input_ids).logits, k)` (tests/distill/test_cache_build.py)."""
     decoder, head = teacher.get_decoder(), teacher.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids).last_hidden_state  # [B, T, H]
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]; no KV cache kept
     flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
     values, ids = [], []
     for lo in range(0, flat.shape[0], chunk_tokens):
