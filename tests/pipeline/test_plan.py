@@ -12,7 +12,16 @@ import pytest
 
 from cli_helpers import one_error_line, search
 from nas_minitron.errors import UserError
-from nas_minitron.pipeline.plan import GIB, PLAN_FILE, RUNTIME_BYTES, Plan, StagePlan, StudentShape, make_plan
+from nas_minitron.pipeline.plan import (
+    GIB,
+    PLAN_FILE,
+    RAY_BYTES,
+    RUNTIME_BYTES,
+    Plan,
+    StagePlan,
+    StudentShape,
+    make_plan,
+)
 from nas_minitron.pipeline.run_dir import STAGES
 from nas_minitron.pipeline.settings import SearchSettings, resolve_settings
 
@@ -86,14 +95,14 @@ def test_the_plan_has_a_dmc_row() -> None:
     small: dict[str, Any] = dict(seq_len=32, batch_size=2, validation_sequences=4, winners=2)
     none = _stage(make_plan(SearchSettings(**small), RESOLVED, [STUDENT]), "dmc")
     assert (none.tokens, none.disk_bytes, none.gpu_bytes_per_device, none.seconds) == (0, 0, 0, 0.0)
-    assert none.cpu_ram_bytes == RUNTIME_BYTES
+    assert none.cpu_ram_bytes == RUNTIME_BYTES + RAY_BYTES  # the local Ray cluster is up through every stage
     plan = make_plan(SearchSettings(**small, dmc_cr="2,4", dmc_tokens=512), RESOLVED, [STUDENT])
     row = _stage(plan, "dmc")
     assert row.tokens == 2 * 2 * 512  # winners x ratios x --dmc-tokens
     assert row.disk_bytes == 2 * 2 * 4 * 1_000_000 + 2 * 12 * 1_000_000  # 4 B/param each + 2 checkpoints
     # a KD step with a live teacher in the driver (CPU): 16 B/param + the fp32 teacher + activations + DMC's
     # explicit scores (2 fp32 [B, heads, T, T] per layer) + the full KD loss + its rows as int64
-    assert row.cpu_ram_bytes == (RUNTIME_BYTES + 16 * 1_000_000 + 4 * 2_000_000 + 4 * 64 * 64 * 68
+    assert row.cpu_ram_bytes == (RAY_BYTES + RUNTIME_BYTES + 16 * 1_000_000 + 4 * 2_000_000 + 4 * 64 * 64 * 68
                                  + 4 * 2 * 4 * 32 * 32 * 4 * 2 + 7 * 64 * 1000 * 4 + 8 * (512 + 4 * 32))
     assert row.seconds > 0 and "ratio(s) 2, 4" in row.basis and plan.fits
 
