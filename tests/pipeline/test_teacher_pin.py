@@ -17,10 +17,14 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
-def cached_hub_teacher(tiny_teacher_dir: Path, request: pytest.FixtureRequest) -> str:
-    """A hub id whose `main` the local HF cache holds (the tests run offline), as `snapshot_download` leaves it."""
+def cached_hub_teacher(tiny_teacher_dir: Path, request: pytest.FixtureRequest, tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> str:
+    """A hub id whose `main` the local HF cache holds (the tests run offline), as `snapshot_download` leaves it, in
+    a cache of this test's own (huggingface_hub reads `constants.HF_HUB_CACHE` at each call): the user's is never
+    written."""
     from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = f"nasm-test/{request.node.name[:40]}"
     root = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     shutil.copytree(tiny_teacher_dir, root / "snapshots" / SHA)
