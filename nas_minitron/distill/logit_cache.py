@@ -250,11 +250,11 @@ class CacheBuild:
                     "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
         partial = final.with_name(final.name + ".partial")
         build = cls(final, partial, identity, [])
-        if _built(final, identity):  # finished before a crash that came before its stage's marker: kept as is
+        if _holds(final / MANIFEST, identity):  # finished, then a crash before its stage's marker: kept
             build.complete = True
             return build
         saved = partial / "build.json"
-        if not (saved.is_file() and _same(saved, identity) and (partial / "tokens.npy").is_file()):
+        if not (_holds(saved, identity) and (partial / "tokens.npy").is_file()):
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             np.save(partial / ".tokens.npy", tokens)  # np.save appends .npy to a name without it
@@ -296,20 +296,14 @@ class CacheBuild:
         return LogitCache.open(self.out_dir, verify=False)
 
 
-def _built(final: Path, identity: dict[str, Any]) -> bool:
-    """Whether `final` is a complete cache of exactly `identity` (its manifest holds every identity key)."""
+def _holds(record: Path, identity: dict[str, Any]) -> bool:
+    """Whether the JSON file `record` (a build's build.json, a finished cache's manifest) has every key of
+    `identity` at its value."""
     try:
-        manifest = json.loads((final / MANIFEST).read_text())
+        found = json.loads(record.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in json.loads(json.dumps(identity)).items())
-
-
-def _same(path: Path, identity: dict[str, Any]) -> bool:
-    try:
-        return bool(json.loads(path.read_text()) == json.loads(json.dumps(identity)))
-    except (OSError, ValueError):
-        return False
+    return isinstance(found, dict) and all(found.get(k) == v for k, v in json.loads(json.dumps(identity)).items())
 
 
 def build_logit_cache(

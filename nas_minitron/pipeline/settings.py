@@ -301,6 +301,7 @@ def _validate(s: SearchSettings) -> None:
     problems.extend(_strategy_problems(s))
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"device must be auto, cpu or cuda, but got {s.device!r}")
+    problems.extend(_cache_problems(s))
     problems.extend(_full_distill_problems(s))
     problems.extend(_dmc_problems(s))
     if problems:
@@ -401,25 +402,31 @@ def full_distill_workers(s: SearchSettings) -> tuple[int, bool]:
     return s.full_workers, False
 
 
-def _full_distill_problems(s: SearchSettings) -> list[str]:
-    """The full distillation's settings: worker counts, the global batch, the checkpoint period."""
+def _pool_problems(pool: str, gpus: int | None, workers: int) -> list[str]:
+    """The `{pool}_gpus` / `{pool}_workers` pair of a Ray worker pool (full distillation, logit cache): GPUs >= 0
+    or none, CPU workers >= 1, and not both counts at once."""
     problems = []
-    if s.full_gpus is not None and s.full_gpus < 0:
-        problems.append(f"full_gpus must be >= 0 or none, but got {s.full_gpus!r}")
-    if s.cache_gpus is not None and s.cache_gpus < 0:
-        problems.append(f"cache_gpus must be >= 0 or none, but got {s.cache_gpus!r}")
-    if s.cache_workers < 1:
-        problems.append(f"cache_workers must be >= 1, but got {s.cache_workers!r}")
-    elif s.cache_gpus and s.cache_workers > 1:
-        problems.append(f"cache_workers ({s.cache_workers}) counts CPU workers; with cache_gpus {s.cache_gpus} the "
-                        f"workers are the GPUs: drop --cache-workers or pass --cache-gpus 0")
+    if gpus is not None and gpus < 0:
+        problems.append(f"{pool}_gpus must be >= 0 or none, but got {gpus!r}")
+    if workers < 1:
+        problems.append(f"{pool}_workers must be >= 1, but got {workers!r}")
+    elif gpus and workers > 1:
+        problems.append(f"{pool}_workers ({workers}) counts CPU workers; with {pool}_gpus {gpus} the workers are "
+                        f"the GPUs: drop --{pool}-workers or pass --{pool}-gpus 0")
+    return problems
+
+
+def _cache_problems(s: SearchSettings) -> list[str]:
+    """The logit cache's worker pool and batch."""
+    problems = _pool_problems("cache", s.cache_gpus, s.cache_workers)
     if s.cache_batch_size is not None and s.cache_batch_size < 1:
         problems.append(f"cache_batch_size must be >= 1 or none, but got {s.cache_batch_size!r}")
-    if s.full_workers < 1:
-        problems.append(f"full_workers must be >= 1, but got {s.full_workers!r}")
-    elif s.full_gpus and s.full_workers > 1:
-        problems.append(f"full_workers ({s.full_workers}) counts CPU workers; with full_gpus {s.full_gpus} the "
-                        f"workers are the GPUs: drop --full-workers or pass --full-gpus 0")
+    return problems
+
+
+def _full_distill_problems(s: SearchSettings) -> list[str]:
+    """The full distillation's settings: worker counts, the global batch, the checkpoint period."""
+    problems = _pool_problems("full", s.full_gpus, s.full_workers)
     if s.checkpoint_minutes is not None and not (math.isfinite(s.checkpoint_minutes) and s.checkpoint_minutes > 0):
         problems.append(f"checkpoint_minutes must be > 0 or none, but got {s.checkpoint_minutes!r}")
     if s.global_batch_tokens is not None and not problems and s.seq_len >= 1 and s.batch_size >= 1:

@@ -184,7 +184,7 @@ def logit_cache(run: Run) -> dict[str, Any]:
     for them. The winners' stream (data/train_full) waits for the distill stage: the trials do not read it."""
     s = run.settings
     workers, on_gpus = cache_workers(s)
-    teacher_dir = resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision, weights=workers == 0)
+    teacher_dir = resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision)  # the trials cut from it too
     tokenizer = run.teacher()[1] if workers == 0 else load_teacher_tokenizer(teacher_dir)
     short = _write_tokens(run, "train_short", "train", train_sequences(s, s.short_tokens), tokenizer)
     val = _write_tokens(run, "validation", "validation", s.validation_sequences, tokenizer)
@@ -201,7 +201,7 @@ def logit_cache(run: Run) -> dict[str, Any]:
         check_shared_run_dir(run.dir, s, run.log)  # the workers write the shards into it
         # at least 4 shards per worker, so that the last round leaves few of them idle
         shard = max(1, min(1024, math.ceil(len(sequences) / (4 * workers))))
-        cache = build_logit_cache_ray(resolve_teacher_dir(s.teacher, s.cache_dir, s.teacher_revision), sequences,
+        cache = build_logit_cache_ray(teacher_dir, sequences,
                                       run.path("logit_cache"), s.topk, batch, workers=workers, use_gpu=on_gpus,
                                       vocab_size=run.resolved.vocab_size,
                                       tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
