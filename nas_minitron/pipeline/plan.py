@@ -455,8 +455,10 @@ def _dmc(c: _Ctx) -> StagePlan:
     each, deleted when it is done)."""
     s, st = c.s, c.student
     ratios = dmc_ratios(s)
-    if not ratios:
-        return StagePlan("dmc", 0, RUNTIME_BYTES, 0, 0, 0.0, False, "--dmc-cr none: no retrofit (only its marker)")
+    if not ratios:  # the driver still holds the teacher it loaded for the distill stage, for the eval stage
+        ram, gpu = _teacher_held(c)
+        return StagePlan("dmc", 0, ram, gpu, 0, 0.0, False,
+                         "--dmc-cr none: no retrofit (only its marker); the driver's teacher stays loaded for eval")
     runs = s.winners * len(ratios)
     tokens = runs * s.dmc_tokens
     val_tokens = s.validation_sequences * s.seq_len

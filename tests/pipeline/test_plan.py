@@ -95,7 +95,8 @@ def test_the_plan_has_a_dmc_row() -> None:
     small: dict[str, Any] = dict(seq_len=32, batch_size=2, validation_sequences=4, winners=2)
     none = _stage(make_plan(SearchSettings(**small), RESOLVED, [STUDENT]), "dmc")
     assert (none.tokens, none.disk_bytes, none.gpu_bytes_per_device, none.seconds) == (0, 0, 0, 0.0)
-    assert none.cpu_ram_bytes == RUNTIME_BYTES + RAY_BYTES  # the local Ray cluster is up through every stage
+    # the local Ray cluster is up through every stage, and the driver keeps the fp32 teacher (2M params) for eval
+    assert none.cpu_ram_bytes == RUNTIME_BYTES + RAY_BYTES + 4 * 2_000_000
     plan = make_plan(SearchSettings(**small, dmc_cr="2,4", dmc_tokens=512), RESOLVED, [STUDENT])
     row = _stage(plan, "dmc")
     assert row.tokens == 2 * 2 * 512  # winners x ratios x --dmc-tokens
