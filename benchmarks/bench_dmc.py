@@ -8,6 +8,10 @@ every decision forced to append (CR 1, the DMC code path's own overhead); DMC wi
 Greedy decoding, batch 1, after a --prompt-token prompt. Decode ms/token is the best of --repeats runs.
 
     PYTHONPATH=$PWD python benchmarks/bench_dmc.py [--prompt 1024] [--new 32] [--gain 12]
+
+With `--dmc-model DIR` (a directory `nas-minitron dmc` wrote, e.g. by `bench_dmc_retrofit.py --keep`) it measures that
+retrofitted model instead, on a real prompt (the builtin corpus' validation split, its own tokenizer): stock
+attention + DynamicCache on the same weights, DMC all-append, and DMC with the learned decisions.
 """
 
 from __future__ import annotations
@@ -54,11 +58,22 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--gain", type=float, default=12.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dmc-model", default=None, help="a retrofitted model directory to measure instead")
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads; prompt {args.prompt}, {args.new} new tokens, batch 1, float32")
-    prompt = torch.randint(4, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    model = _model(args.vocab)
+          f"threads; prompt {args.prompt}, {args.new} new tokens, batch 1, float32, "
+          f"{'model ' + args.dmc_model if args.dmc_model else 'random weights'}")
+    if args.dmc_model:
+        from transformers import AutoTokenizer
+
+        from nas_minitron.data import take_sequences
+
+        tokenizer = AutoTokenizer.from_pretrained(args.dmc_model)
+        prompt = take_sequences("builtin", tokenizer, "validation", args.prompt, 1)
+        model = AutoModelForCausalLM.from_pretrained(args.dmc_model, dtype=torch.float32).eval()
+    else:
+        prompt = torch.randint(4, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+        model = _model(args.vocab)
     rows = []
     best = min((_decode(model, prompt, args.new, DynamicCache()) for _ in range(args.repeats)), key=lambda r: r[1])
     stock_cache = DynamicCache()
@@ -67,10 +82,11 @@ def main() -> None:
     rows.append(("stock DynamicCache", 1.0, stock_bytes, stock_bytes, stock_bytes, *best))
     apply_dmc(model)
     with torch.no_grad():
-        for m in dmc_modules(model):
+        for m in dmc_modules(model) if not args.dmc_model else []:
             rows_idx = torch.arange(m.head_dim - 1, m.k_proj.weight.shape[0], m.head_dim)
             m.k_proj.weight[rows_idx] *= args.gain * 4
-    for name, force in (("DMC, all append", True), (f"DMC, gain {args.gain:g}", False)):
+    learned = "DMC, learned decisions" if args.dmc_model else f"DMC, gain {args.gain:g}"
+    for name, force in (("DMC, all append", True), (learned, False)):
         set_dmc_state(model, mode="dmc", channel_scale=0.0, force_append=force)
         best = min((_decode(model, prompt, args.new, DMCCache()) for _ in range(args.repeats)), key=lambda r: r[1])
         cache = DMCCache()

@@ -32,20 +32,29 @@ def main() -> None:
     parser.add_argument("--val-sequences", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ratios", default="1,2,4")
+    parser.add_argument("--decision-lr-scale", type=float, default=1.0)
+    parser.add_argument("--penalty-weight", type=float, default=1.0)
+    parser.add_argument("--reset-decision-rows", action="store_true")
+    parser.add_argument("--keep", default=None, help="keep the retrofitted models in DIR/cr<ratio>/")
     args = parser.parse_args()
     print(f"machine: {platform.node()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-          f"{time.strftime('%Y-%m-%d %H:%M')}; {args.tokens} tokens of {args.seq_len}, batch {args.batch_size}")
+          f"{time.strftime('%Y-%m-%d %H:%M')}; {args.tokens} tokens of {args.seq_len}, batch {args.batch_size}, "
+          f"lr {args.lr}, decision-lr-scale {args.decision_lr_scale}, penalty weight {args.penalty_weight}, "
+          f"reset rows {args.reset_decision_rows}")
     from nas_minitron.teacher import DEFAULT_TEACHER, resolve_teacher_dir
 
     model = resolve_teacher_dir(DEFAULT_TEACHER)  # the GGUF converted once into an HF directory
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios.split(","):
-            out = Path(tmp) / f"cr{ratio}"
+            out = Path(args.keep or tmp) / f"cr{ratio}"
             command = [sys.executable, "-m", "nas_minitron", "dmc", "--model", model, "--teacher", model,
                        "--target-cr", ratio, "--tokens", str(args.tokens), "--seq-len", str(args.seq_len),
                        "--batch-size", str(args.batch_size), "--val-sequences", str(args.val_sequences),
-                       "--lr", str(args.lr), "--device", "cpu", "--out", str(out)]
+                       "--lr", str(args.lr), "--decision-lr-scale", str(args.decision_lr_scale),
+                       "--penalty-weight", str(args.penalty_weight), "--device", "cpu", "--out", str(out)]
+            if args.reset_decision_rows:
+                command.append("--reset-decision-rows")
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True,
                                   env={**os.environ, "TQDM_DISABLE": "1"})

@@ -24,6 +24,7 @@ from nas_minitron.commands.args import (
     fraction,
     model_config_json,
     non_negative,
+    positive,
     tokenize_streams,
 )
 from nas_minitron.commands.distill import check_same_tokenizer
@@ -67,6 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--finetune-fraction", type=fraction, default=0.2,
                         help="share of steps in stage 3, at the final ratio (default 0.2)")
     parser.add_argument("--penalty-weight", type=non_negative, default=1.0, help="weight of the CR penalty (default 1)")
+    parser.add_argument("--decision-lr-scale", type=positive, default=1.0,
+                        help="multiply the learning rate of the decision channels' rows (q[-1], k[-1]; past stage 1 "
+                             "they feed only the decisions) by this (default 1, the paper's single rate; short "
+                             "retrofits need ~100 to reach their target CR, see benchmarks/RESULTS.md)")
+    parser.add_argument("--reset-decision-rows", action="store_true",
+                        help="zero the decision channels' rows when stage 2 begins, so every head starts appending "
+                             "(a pretrained channel may already exceed the threshold in some layers)")
     parser.add_argument("--window", type=at_least(1), default=12,
                         help="tokens a merged entry averages at most (default 12)")
     add_training_args(parser, lr=1e-4)
@@ -80,7 +88,9 @@ def _config(args: argparse.Namespace, dtype: str) -> RetrofitConfig:
         target_cr=args.target_cr, num_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, warmup_fraction=args.warmup_fraction,
         fade_fraction=args.fade_fraction, finetune_fraction=args.finetune_fraction, loss=args.loss,
-        penalty_weight=args.penalty_weight, seed=args.seed, dtype=dtype, settings=DMCSettings(window=args.window),
+        penalty_weight=args.penalty_weight,
+        decision_lr_scale=args.decision_lr_scale, reset_decision_rows=args.reset_decision_rows,
+        seed=args.seed, dtype=dtype, settings=DMCSettings(window=args.window),
         checkpoint_every_steps=max(every, 0), keep_last_k=args.keep_last_k,
     )
 

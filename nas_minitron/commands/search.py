@@ -79,6 +79,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--host-memory-gib": ("host_memory_gib", float),
     "--dmc-cr": ("dmc_cr", str),
     "--dmc-tokens": ("dmc_tokens", int),
+    "--dmc-decision-lr-scale": ("dmc_decision_lr_scale", float),
 }
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "apply_dmc",
     "check_supported",
     "collect_decisions",
+    "decision_rows",
     "dmc_modules",
     "rotate",
     "set_dmc_state",
@@ -158,6 +159,21 @@ class DMCAttention(nn.Module):
         b = torch.cat([torch.zeros_like(b[..., :1]), b[..., 1:]], dim=-1)  # token 0 always appends
         key_bias = F.pad(bias_next[..., 1:], (0, 1))  # key i gets log(1 - alpha_{i+1}); the last key none
         return b, key_bias, _straight_through(b)
+
+    def decision_rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, indices along dim 0) that compute the decision channels q[-1] and k[-1] of every head: the
+        last row of each head's q/k projection (and bias), and the last element of Qwen3's per-head q/k norms."""
+        D = self.head_dim
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for proj, norm in ((self.q_proj, self.q_norm), (self.k_proj, self.k_norm)):
+            rows = torch.arange(D - 1, proj.out_features, D, device=proj.weight.device)
+            out.append((proj.weight, rows))
+            if isinstance(proj.bias, nn.Parameter):
+                out.append((proj.bias, rows))
+            weight = getattr(norm, "weight", None) if norm is not None else None
+            if isinstance(weight, nn.Parameter):
+                out.append((weight, torch.tensor([weight.shape[0] - 1], device=weight.device)))
+        return out
 
     # ---- the forward paths --------------------------------------------------------------------------------------
     def forward(
@@ -317,6 +333,11 @@ def set_dmc_state(model: nn.Module, *, mode: str | None = None, channel_scale: f
         m.force_append = force_append if force_append is not None else m.force_append
         if relaxed != "keep":
             m.relaxed = relaxed  # type: ignore[assignment]
+
+
+def decision_rows(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's `DMCAttention.decision_rows`."""
+    return [row for m in dmc_modules(model) for row in m.decision_rows()]
 
 
 def collect_decisions(model: nn.Module) -> torch.Tensor:

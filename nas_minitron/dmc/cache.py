@@ -28,6 +28,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 __all__ = ["DMCCache", "DMCLayer", "cache_stats"]
 
 
+GROW_MIN_ENTRIES = 64
+GROW_FRACTION = 0.25
+
+
+def _grown(entries: int) -> int:
+    """Capacity for `entries` plus headroom: a quarter more (at least 64 entries), so appends copy the buffer
+    O(log) times while at most a fifth of what is held is unused (a doubling buffer can leave half unused)."""
+    return entries + max(GROW_MIN_ENTRIES, int(entries * GROW_FRACTION))
+
+
 class DMCLayer(CacheLayerMixin):
     """One layer's compressed cache (see the module docstring), created by `DMCCache.layer`."""
 
@@ -95,7 +105,7 @@ class DMCLayer(CacheLayerMixin):
         ends = torch.ones_like(b, dtype=torch.bool)
         ends[..., :-1] = b[..., 1:] < 0.5  # [B, H, T]
         lengths = ends.sum(-1)  # [B, H]
-        capacity = max(int(lengths.max()) * 2, 16)
+        capacity = _grown(int(lengths.max()))
         slot = torch.where(ends, ends.long().cumsum(-1) - 1, capacity)  # [B, H, T]; non-ends go to a spare slot
         index = slot.unsqueeze(-1).expand(B, H, T, D)
         self.keys = keys.new_zeros(B, H, capacity + 1, D).scatter_(2, index, keys)[:, :, :capacity]
@@ -136,8 +146,8 @@ class DMCLayer(CacheLayerMixin):
         [B, H, S, D] (S = the longest head) and the validity mask [B, H, S]."""
         assert self.keys is not None and self.values is not None and self.lengths is not None
         slot = torch.where(merge, self.lengths - 1, self.lengths)  # [B, H]
-        if int(slot.max()) >= self.keys.shape[2]:  # grow by doubling
-            grow = self.keys.shape[2]
+        if int(slot.max()) >= self.keys.shape[2]:
+            grow = _grown(self.keys.shape[2]) - self.keys.shape[2]
             self.keys = F.pad(self.keys, (0, 0, 0, grow))
             self.values = F.pad(self.values, (0, 0, 0, grow))
         B, H, D = key.shape
@@ -182,7 +192,7 @@ def cache_stats(cache: Any) -> dict[str, Any]:
         per_layer.append(layer.num_tokens * B * H / n)
         entry_bytes += 2 * n * D * item
         allocated += 2 * B * H * int(layer.lengths.max()) * D * item  # the padded block attention reads
-        capacity += 2 * layer.keys.numel() * item  # what is held: the buffer grows by doubling
+        capacity += 2 * layer.keys.numel() * item  # what is held: the buffer grows by a quarter (`_grown`)
         window_bytes += sum(t.numel() * t.element_size() for t in
                             (layer.window_keys, layer.window_values, layer.window_weights))
     return {"tokens": tokens, "entries": entries, "cr": tokens / entries if entries else 1.0,

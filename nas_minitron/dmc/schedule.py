@@ -60,6 +60,15 @@ class RetrofitConfig:
     """'kd': forward KL to the uncompressed teacher; 'lm': next-token cross entropy."""
     kd_temperature: float = 1.0
     penalty_weight: float = 1.0
+    decision_lr_scale: float = 1.0
+    """Multiplier of the optimizer's update of the decision channels' projection rows (q[-1], k[-1] of every head and
+    their norm weights): past stage 1 those rows feed only the decisions and merge weights, so a larger step there
+    changes nothing else in the model. 1: the paper (one learning rate, billions of tokens)."""
+    reset_decision_rows: bool = False
+    """Zero the decision channels' projection rows (and biases) when stage 2 begins, so every head starts from
+    logit = -offset (alpha ~ 0.007) instead of what the pretrained channel held (on SmolLM2 a quarter of some
+    layers' keys already have k[-1] > 5 and merge from the first step); the channel plays no part in attention after
+    the fade, so nothing else changes."""
     seed: int = 0
     dtype: str = "float32"
     settings: DMCSettings = field(default_factory=DMCSettings)
@@ -79,6 +88,8 @@ class RetrofitConfig:
                 + self.finetune_fraction < 1):
             problems.append(f"fade_fraction {self.fade_fraction!r} + finetune_fraction {self.finetune_fraction!r} "
                             f"must be >= 0 each and leave room for the retrofit stage (sum < 1)")
+        if not self.decision_lr_scale > 0:
+            problems.append(f"decision_lr_scale {self.decision_lr_scale!r} must be > 0")
         if not self.lr > 0:
             problems.append(f"lr {self.lr!r} must be > 0")
         if self.dtype not in ("float32", "bf16"):
@@ -125,4 +136,7 @@ class RetrofitConfig:
     def fingerprint(self) -> str:
         """sha256 of everything that shapes the trajectory: a checkpoint resumes only under the same one."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        for name, default in (("decision_lr_scale", 1.0), ("reset_decision_rows", False)):
+            if data[name] == default:  # their defaults leave the fingerprints of earlier checkpoints unchanged
+                del data[name]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -38,12 +38,15 @@ __all__ = ["RetrofitResult", "RetrofitStep", "achieved_cr", "compression_penalty
 
 
 def compression_penalty(decisions: torch.Tensor, target_cr: float) -> torch.Tensor:
-    """mean over sequences of clamp(prior - mean(alpha), 0), prior = 1 - 1/CR; decisions [L, B, H, T].
+    """mean over (sequence, KV head, position) of clamp(prior - mean over layers of alpha, 0), prior = 1 - 1/CR;
+    decisions [L, B, H, T].
 
-    The mean of alpha is taken per sequence over all layers, heads and positions (the reference's choice: layers
-    and heads may compress unevenly, only the total is pushed)."""
-    per_sequence = decisions.float().mean(dim=(0, 2, 3))  # [B]
-    return (prior_for_cr(target_cr) - per_sequence).clamp(min=0).mean()
+    The mean is over layers only (as NVIDIA's Megatron-LM `dmc` branch takes it): every head slot at every position
+    must reach the prior on average over the depth, so layers may compress unevenly, but no single layer can meet the
+    target for all of them by merging everything (measured on SmolLM2: a mean over layers, heads and positions
+    together let one layer go to CR 60 while the rest stayed at 1; benchmarks/RESULTS.md)."""
+    per_slot = decisions.float().mean(dim=0)  # [B, H, T]
+    return (prior_for_cr(target_cr) - per_slot).clamp(min=0).mean()
 
 
 def achieved_cr(decisions: torch.Tensor) -> float:
@@ -110,6 +113,32 @@ def _micro_step(student: PreTrainedModel, teacher: PreTrainedModel | None, batch
     return loss + config.penalty_weight * penalty, float(penalty.detach()), achieved_cr(decisions)
 
 
+class _ScaledRows:
+    """Multiplies the next optimizer update of the decision channels' rows by `scale` (snapshot, step, `apply`).
+
+    Scaling the update, not the gradient: Adam divides a gradient's scale away."""
+
+    def __init__(self, student: PreTrainedModel, scale: float) -> None:
+        self.scale = scale
+        self.rows = attention.decision_rows(student) if scale != 1.0 else []
+        self.before = [p.detach()[idx].clone() for p, idx in self.rows]
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for (param, idx), old in zip(self.rows, self.before, strict=True):
+                param[idx] = old + self.scale * (param[idx] - old)
+
+
+def _zero_decision_rows(student: PreTrainedModel) -> None:
+    """Zero the q[-1] / k[-1] projection rows and biases (not Qwen3's norm weights: a zero there would stop the
+    rows' gradient)."""
+    with torch.no_grad():
+        for m in attention.dmc_modules(student):
+            for param, idx in m.decision_rows():
+                if param is not getattr(m.q_norm, "weight", None) and param is not getattr(m.k_norm, "weight", None):
+                    param[idx] = 0.0
+
+
 def _schedule(optimizer: torch.optim.Optimizer, config: RetrofitConfig) -> Any:
     warmup = max(1, round(config.warmup_fraction * config.total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -154,6 +183,8 @@ def retrofit(
     student.train()
     while step < stop:
         point = config.point(step)
+        if config.reset_decision_rows and step == config.stage_steps()[0]:  # the first step of stage 2
+            _zero_decision_rows(student)
         _configure(student, point)
         loss_sum = penalty_sum = cr_sum = 0.0
         for micro in range(config.grad_accum):
@@ -165,7 +196,9 @@ def retrofit(
         if not torch.isfinite(torch.tensor(loss_sum)):
             raise UserError(f"the DMC retrofit loss became {loss_sum} at step {step}; try a lower --lr or float32.")
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        scaled = _ScaledRows(student, config.decision_lr_scale if point.stage > 1 else 1.0)
         optimizer.step()
+        scaled.apply()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

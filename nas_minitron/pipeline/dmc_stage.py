@@ -42,10 +42,13 @@ __all__ = ["dmc"]
 
 def _config(run: Run, target_cr: float) -> RetrofitConfig:
     """The retrofit of one ratio: the search's sequence length, batch, learning rate and seed; bf16 compute on a GPU
-    (as the driver's other stages), float32 on CPU; the paper's stage split and DMC settings."""
+    (as the driver's other stages), float32 on CPU; the paper's stage split and DMC settings, the decision rows'
+    learning rate scaled by --dmc-decision-lr-scale, and those rows zeroed when stage 2 begins (every head starts
+    appending: a pretrained channel can sit above the threshold, a quarter of some SmolLM2 layers' keys do)."""
     s = run.settings
     return RetrofitConfig(target_cr=target_cr, num_tokens=s.dmc_tokens, seq_len=s.seq_len, batch_size=s.batch_size,
-                          lr=s.lr, seed=s.seed, loss="kd",
+                          lr=s.lr, decision_lr_scale=s.dmc_decision_lr_scale, reset_decision_rows=True,
+                          seed=s.seed, loss="kd",
                           dtype="bf16" if run.device().startswith("cuda") else "float32")
 
 

@@ -164,6 +164,10 @@ class SearchSettings:
     CPU-sized (4 steps of the default 4 x 256 batch, ~1.5 min per retrofit of the embedded default's winner on 2
     cores by the plan's estimate), far below the paper's retrofits of billions of tokens: enough to run the stage,
     not to judge DMC's quality"""
+    dmc_decision_lr_scale: float = 1.0
+    """multiplier of the retrofit's learning rate on the decision channels' rows (q[-1], k[-1] of each head: past
+    the fade-out they feed only DMC's decisions); 1: the paper's single rate, for retrofits of billions of tokens.
+    On SmolLM2, 4,096 tokens reach CR 2 only at ~300x, and break the model there (benchmarks/RESULTS.md)"""
     verify: bool = False
     """check the sha256 of every artifact the run wrote as it is read again (token files, logit cache, trial weights,
     winners; a full read of each); without it only their sizes are checked (importance scores and checkpoints are
@@ -186,7 +190,8 @@ RUNTIME_KEYS = frozenset({"ray_address", "max_concurrent", "cpus_per_trial", "ca
 # given as its commit, or the other way round, is the same teacher.
 PINNED_KEYS = frozenset({"teacher_revision"})
 # Keys that may change on --resume until the stage that first uses them has finished (nothing before it reads them).
-LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval", "dmc_cr": "dmc", "dmc_tokens": "dmc"}
+LATE_KEYS = {"eval_tasks": "eval", "eval_limit": "eval", "dmc_cr": "dmc", "dmc_tokens": "dmc",
+             "dmc_decision_lr_scale": "dmc"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchSettings)}
 NONE_WORDS = ("none", "null")  # `--eval-limit none` (YAML's null) unsets an optional setting
 
@@ -368,6 +373,8 @@ def _dmc_problems(s: SearchSettings) -> list[str]:
     except UserError as err:
         problems.append(str(err).rstrip("."))
         ratios = ()
+    if not s.dmc_decision_lr_scale > 0:
+        problems.append(f"dmc_decision_lr_scale must be > 0, but got {s.dmc_decision_lr_scale!r}")
     if s.dmc_tokens < 1:
         problems.append(f"dmc_tokens must be >= 1, but got {s.dmc_tokens!r}")
     elif ratios and s.seq_len >= 1 and s.batch_size >= 1 and s.dmc_tokens < s.seq_len * s.batch_size:

@@ -214,7 +214,8 @@ def eval_figures(wide: pd.DataFrame, speed: pd.DataFrame) -> list[go.Figure]:
 def dmc_figure(dmc: pd.DataFrame, distill: dict[str, dict[str, Any]]) -> tuple[go.Figure, pd.DataFrame]:
     """Quality vs KV-cache size of the DMC retrofits (dmc.csv): validation KL to the teacher against KV bytes per
     token over achieved CR, a line per winner from its uncompressed self (ratio 1: its full distillation's val KL,
-    distill.json, when it has one) through its retrofits in order of achieved ratio."""
+    distill.json, when it has one) through its retrofits in order of achieved ratio, and the Pareto front over every
+    (architecture, ratio) point (the table's `pareto` column)."""
     fig = _fig(title="DMC: validation KL vs KV-cache bytes per token (compressed by the achieved ratio)",
                xaxis=dict(title="KV-cache bytes per token / achieved CR", type="log"),
                yaxis_title="validation KL to the teacher")
@@ -231,6 +232,11 @@ def dmc_figure(dmc: pd.DataFrame, distill: dict[str, dict[str, Any]]) -> tuple[g
                              kind="dmc"))
     columns = ["winner", "target_cr", "achieved_cr", "val_kl", "kv_bytes_per_token_compressed", "kind"]
     table = pd.DataFrame(rows, columns=columns)
+    kv_x = pd.to_numeric(table["kv_bytes_per_token_compressed"], errors="coerce")
+    kl_y = pd.to_numeric(table["val_kl"], errors="coerce")
+    known = kv_x.notna() & kl_y.notna()
+    table["pareto"] = False  # over architecture x ratio: no other point has fewer KV bytes/token and a lower KL
+    table.loc[known, "pareto"] = pareto_mask(kv_x[known].tolist(), kl_y[known].tolist())
     for name, part in table.groupby("winner", sort=False):
         part = part.sort_values("achieved_cr")
         labels = [f"{name}<br>target {t:g}, achieved {a:.2f}" if k == "dmc" else f"{name}<br>uncompressed"
@@ -239,6 +245,10 @@ def dmc_figure(dmc: pd.DataFrame, distill: dict[str, dict[str, Any]]) -> tuple[g
                         mode="lines+markers", marker=dict(size=10, symbol=["circle" if k == "dmc" else "star"
                                                                           for k in part["kind"]]),
                         hovertemplate="%{text}<br>%{x:.4g} B/token<br>val KL %{y:.4f}<extra></extra>")
+    front = table[table["pareto"]].sort_values("kv_bytes_per_token_compressed")
+    if len(front):
+        fig.add_scatter(x=front["kv_bytes_per_token_compressed"], y=front["val_kl"], name="Pareto front",
+                        mode="lines", line=dict(dash="dot", color="black"), hoverinfo="skip")
     return fig, table
 
 

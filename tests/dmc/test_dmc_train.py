@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from nas_minitron.dmc import RetrofitConfig, compression_penalty, retrofit
-from nas_minitron.dmc.attention import apply_dmc, dmc_modules
+from nas_minitron.dmc.attention import apply_dmc, decision_rows, dmc_modules
 from nas_minitron.dmc.settings import DMCSettings
 from nas_minitron.errors import UserError
 from tiny_models import tiny_model
@@ -17,7 +19,7 @@ from tiny_models import tiny_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_penalty_is_per_sequence_and_zero_once_the_prior_is_met() -> None:
+def test_penalty_is_per_head_slot_over_the_depth_and_zero_once_the_prior_is_met() -> None:
     zeros = torch.zeros(2, 3, 2, 8)  # [L, B, H, T]
     assert float(compression_penalty(zeros, 4.0)) == pytest.approx(0.75)
     assert float(compression_penalty(zeros, 1.0)) == 0.0
@@ -25,6 +27,14 @@ def test_penalty_is_per_sequence_and_zero_once_the_prior_is_met() -> None:
     uneven = torch.zeros(1, 2, 1, 4)
     uneven[:, 0] = 1.0  # sequence 0 all merges, sequence 1 none: prior 0.5 -> (0 + 0.5) / 2, not clamp(0.5 - 0.5)
     assert float(compression_penalty(uneven, 2.0)) == pytest.approx(0.25)
+    by_position = torch.zeros(3, 1, 1, 4)
+    by_position[..., :2] = 1.0  # every layer merges the first half, none the second: mean alpha 0.5 = CR 2 overall,
+    assert float(compression_penalty(by_position, 2.0)) == pytest.approx(0.25)  # but half the slots miss the prior
+    one_layer = torch.zeros(4, 1, 2, 4)
+    one_layer[0] = 1.0  # one layer of 4 merges everything: 1/4 of each slot's depth, short of CR 2's prior 0.5
+    assert float(compression_penalty(one_layer, 2.0)) == pytest.approx(0.25)
+    one_layer[1] = 1.0
+    assert float(compression_penalty(one_layer, 2.0)) == 0.0
 
 
 def test_stages_fade_and_ramp() -> None:
@@ -111,3 +121,69 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="belongs to student"):
         retrofit(fewer_kv, train, val, config, teacher=copy.deepcopy(fewer_kv), checkpoint_dir=tmp_path / "b",
                  resume=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_decision_lr_scale_multiplies_only_the_decision_rows_update(family: str) -> None:
+    """One stage-2 step from the same start: every parameter moves as without the scale except the rows of q[-1] /
+    k[-1] (and their biases, Qwen3's norm weights), which move exactly `scale` times as far."""
+    train, val = _data()
+    moved = {}
+    for scale in (1.0, 10.0):
+        student = tiny_model(family, seed=0)
+        teacher = copy.deepcopy(student).eval()
+        apply_dmc(student)
+        start = {n: p.detach().clone() for n, p in student.named_parameters()}
+        config = RetrofitConfig(target_cr=2, num_tokens=2 * 32, seq_len=32, batch_size=2, fade_fraction=0,
+                                finetune_fraction=0, decision_lr_scale=scale, warmup_fraction=0)
+        retrofit(student, train, val, config, teacher=teacher)
+        moved[scale] = {n: p.detach() - start[n] for n, p in student.named_parameters()}
+    rows = {id(p): idx for p, idx in decision_rows(student)}
+    names = {n: rows[id(p)] for n, p in student.named_parameters() if id(p) in rows}
+    expected = {"q_proj.weight", "k_proj.weight"} | ({"q_proj.bias", "k_proj.bias"} if family == "qwen2" else set()) \
+        | ({"q_norm.weight", "k_norm.weight"} if family == "qwen3" else set())
+    assert {n.split("self_attn.")[1] for n in names} == expected
+    for name, base in moved[1.0].items():
+        scaled = moved[10.0][name]
+        if name in names:
+            idx = names[name]
+            assert base[idx].abs().sum() > 0, name
+            torch.testing.assert_close(scaled[idx], 10 * base[idx], rtol=1e-4, atol=1e-7)
+            rest = torch.ones(base.shape[0], dtype=torch.bool)
+            rest[idx] = False
+            torch.testing.assert_close(scaled[rest], base[rest], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(scaled, base, rtol=0, atol=0, msg=name)
+
+
+def test_decision_lr_scale_must_be_positive_and_the_new_defaults_keep_old_fingerprints() -> None:
+    fields: dict[str, object] = dict(target_cr=2, num_tokens=1000, seq_len=32, batch_size=2)
+    with pytest.raises(UserError, match="decision_lr_scale 0"):
+        RetrofitConfig(**fields, decision_lr_scale=0)  # type: ignore[arg-type]
+    default = RetrofitConfig(**fields)  # type: ignore[arg-type]
+    assert RetrofitConfig(**fields, decision_lr_scale=30).fingerprint() != default.fingerprint()  # type: ignore[arg-type]
+    data = {k: v for k, v in default.to_dict().items() if k not in ("keep_last_k", "checkpoint_every_steps",
+                                                                     "decision_lr_scale", "reset_decision_rows")}
+    assert default.fingerprint() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def test_reset_decision_rows_zeroes_them_when_stage_2_begins() -> None:
+    """fade 1 step, then 1 stage-2 step at a negligible learning rate: the decision rows (and k/q biases) are ~0
+    afterwards, every other weight is as it was."""
+    train, val = _data()
+    student = tiny_model("qwen2", seed=0)
+    teacher = copy.deepcopy(student).eval()
+    apply_dmc(student)
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    config = RetrofitConfig(target_cr=2, num_tokens=4 * 2 * 32, seq_len=32, batch_size=2, fade_fraction=0.25,
+                            finetune_fraction=0, lr=1e-12, warmup_fraction=0, reset_decision_rows=True)
+    assert config.stage_steps() == (1, 3, 0)
+    result = retrofit(student, train, val, config, teacher=teacher)
+    assert result.metrics["achieved_cr"] == 1.0  # logit -5 everywhere: every head appends
+    rows = {id(p): idx for p, idx in decision_rows(student)}
+    for name, param in student.named_parameters():
+        if id(param) in rows:
+            assert start[name][rows[id(param)]].abs().max() > 1e-3, name
+            assert param[rows[id(param)]].abs().max() < 1e-9, name
+        else:
+            torch.testing.assert_close(param, start[name], rtol=0, atol=1e-9, msg=name)

@@ -33,6 +33,7 @@ from nas_minitron.pipeline.settings import SearchSettings, differences, resolve_
     ({"topk": -1}, "topk must be >= 0, but got -1"),
     ({"trials": 0}, "trials must be >= 1, but got 0"),
     ({"dmc_tokens": 0}, "dmc_tokens must be >= 1, but got 0"),
+    ({"dmc_decision_lr_scale": 0.0}, "dmc_decision_lr_scale must be > 0, but got 0.0"),
     ({"dmc_cr": "0.5"}, "dmc_cr '0.5': target compression ratio 0.5 is invalid: it must be a finite number >= 1"),
 ])
 def test_every_numeric_setting_is_checked_with_its_range(overrides: dict[str, object], named: str) -> None:

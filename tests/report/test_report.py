@@ -97,6 +97,12 @@ def test_dmc_results_get_a_table_and_a_chart_only_when_dmc_csv_exists(runs: dict
         base = points[(points["winner"] == name) & (points["kind"] == "uncompressed")].iloc[0]
         assert base["achieved_cr"] == 1.0 and base["kv_bytes_per_token_compressed"] == kv[name]
         assert base["val_kl"] == json.loads((run / "winners" / name / "distill.json").read_text())["val_kl"]
+    # the front over architecture x ratio, checked pairwise: a front point is dominated by none, any other by one
+    xy = list(zip(points["kv_bytes_per_token_compressed"], points["val_kl"]))
+    for (x, y), on_front in zip(xy, points["pareto"]):
+        dominated = any(a <= x and b <= y and (a, b) != (x, y) for a, b in xy)
+        assert on_front == (not dominated), (x, y)
+    assert points["pareto"].any() and '"name":"Pareto front"' in page
 
 
 def test_partial_report_marks_missing_stages(runs: dict[str, Path], tmp_path: Path) -> None:
