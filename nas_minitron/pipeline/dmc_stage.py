@@ -8,7 +8,7 @@ dmc.json is the completion marker: --resume never retrains a finished (winner, r
 one from its newest checkpoint in checkpoints/<winner>-cr<ratio>/ (a finished one made with other retrofit settings is
 refused, as a checkpoint is). dmc.csv (`run_dir.DMC_COLUMNS`) has a row per
 (winner, ratio). With --dmc-cr none the stage writes only its marker ({"ratios": []}), so run directories made
-before it resume unchanged. The DMC variants are not lm-evaluated (the eval stage evaluates the winners).
+before it resume unchanged. The eval stage lm-evaluates the variants after the winners (`stages.evaluate`).
 """
 
 from __future__ import annotations

@@ -498,10 +498,17 @@ def _eval(c: _Ctx) -> StagePlan:
         gpu += s.winners * 4 * st.params + peak
     else:
         ram += s.winners * 4 * st.params + peak
-    seconds = per_model / t_rate + s.winners * per_model / s_rate + 5.0 * (1 + s.winners)  # + speed, ~5 s a model
-    return StagePlan("eval", per_model * (1 + s.winners), ram, gpu, 1 << 20, seconds, True,
-                     f"teacher + {s.winners} winner(s), {tasks} task(s) x {items} items x ~{EVAL_TOKENS_PER_ITEM} "
-                     f"tokens (assumed per item), + speed")
+    variants = s.winners * len(dmc_ratios(s))  # the dmc stage's retrofits: lm-eval only, loaded one at a time
+    if variants and c.driver_device == "cuda":
+        ram, gpu = ram + 4 * st.params, gpu + 4 * st.params
+    elif variants:
+        ram += 4 * st.params
+    seconds = (per_model / t_rate + (s.winners + variants) * per_model / s_rate
+               + 5.0 * (1 + s.winners))  # + speed, ~5 s a model (not the DMC variants)
+    dmc_text = f" + {variants} DMC variant(s) (no speed)" if variants else ""
+    return StagePlan("eval", per_model * (1 + s.winners + variants), ram, gpu, 1 << 20, seconds, True,
+                     f"teacher + {s.winners} winner(s){dmc_text}, {tasks} task(s) x {items} items x "
+                     f"~{EVAL_TOKENS_PER_ITEM} tokens (assumed per item), + speed")
 
 
 def _report(c: _Ctx) -> StagePlan:

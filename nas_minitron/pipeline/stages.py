@@ -30,7 +30,15 @@ from nas_minitron.errors import UserError
 from nas_minitron.evaluate.harness import evaluate_model, save_eval
 from nas_minitron.evaluate.speed import measure_speed
 from nas_minitron.integrity import CHECKSUMS, verify_checksums, write_checksums
-from nas_minitron.pipeline.run_dir import CURVE_COLUMNS, TRIAL_COLUMNS, WINNER_COLUMNS, Run, read_csv, write_csv
+from nas_minitron.pipeline.run_dir import (
+    CURVE_COLUMNS,
+    DMC_CSV,
+    TRIAL_COLUMNS,
+    WINNER_COLUMNS,
+    Run,
+    read_csv,
+    write_csv,
+)
 from nas_minitron.pipeline.settings import SearchSettings, cache_workers, full_distill_workers, train_sequences
 from nas_minitron.prune.plan import PLAN_FILE, PruningPlan, save_student
 from nas_minitron.prune.scores import ImportanceScores
@@ -80,9 +88,12 @@ if TYPE_CHECKING:
     import torch
     import transformers
     from transformers import PreTrainedModel
+
+    from nas_minitron.dmc import export as dmc_export
 else:
     torch = lazy_import("torch")
     transformers = lazy_import("transformers")
+    dmc_export = lazy_import("nas_minitron.dmc.export")  # imports torch and transformers
 
 __all__ = ["candidates", "check_shared_run_dir", "distill_winners", "evaluate", "find_candidates", "full_split",
            "load_student", "logit_cache", "report", "start_ray", "stop_ray", "trial_spec", "trials", "validate_at_most",
@@ -621,8 +632,23 @@ def evaluate(run: Run) -> dict[str, Any]:
                                       batch_size=s.batch_size, label=label))
         speeds.append(measure_speed(model, batch_size=1, seq_len=s.seq_len, device=device, label=label))
         run.log(f"  {label}: {results[-1].tasks}")
+    variants = _dmc_variants(run)
+    for label, folder in variants:  # one at a time: lm-eval scores them through the full hard-decision forward
+        model, _record = dmc_export.load_dmc_model(folder, device=device)
+        results.append(evaluate_model(model, tokenizer, s.eval_tasks, limit=s.eval_limit, device=device,
+                                      batch_size=s.batch_size, label=label))
+        run.log(f"  {label} (DMC): {results[-1].tasks}")
+        del model
     save_eval(run.dir, results, speeds)
-    return {"models": [label for label, _ in models]}
+    return {"models": [label for label, _ in models] + [label for label, _ in variants]}
+
+
+def _dmc_variants(run: Run) -> list[tuple[str, Path]]:
+    """(label, folder) of the dmc stage's retrofits, in dmc.csv's order (none without --dmc-cr). They get lm-eval
+    scores but no speed row: `measure_speed` decodes with a stock cache, which DMC attention refuses."""
+    if not run.path(DMC_CSV).is_file():
+        return []
+    return [(Path(row["path"]).name, run.path(row["path"])) for row in read_csv(run.path(DMC_CSV))]
 
 
 def report(run: Run) -> dict[str, Any]:

@@ -282,7 +282,8 @@ def _dmc(section: Section, run_dir: Path) -> None:
                          "nas_minitron.dmc.load_dmc_model) at each --dmc-cr ratio. achieved_cr: tokens per KV-cache "
                          "entry on the validation sequences with hard decisions; val_kl: KL(teacher || model) on the "
                          "same validation sequences as the full distillation (the star: the winner uncompressed). "
-                         "The DMC variants are not lm-evaluated; short CPU-sized retrofits say little about quality.")
+                         "The eval stage scores the DMC variants with lm-eval (labels <winner>-cr<ratio>; no speed "
+                         "row); short CPU-sized retrofits say little about quality.")
 
 
 def _build_sections(run_dir: Path) -> tuple[list[Section], list[str]]:

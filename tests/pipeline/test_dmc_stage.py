@@ -193,3 +193,24 @@ def test_dmc_settings_parse_validate_and_may_change_until_the_dmc_stage(tmp_path
     assert differences(legacy, SearchSettings(), ["distill"]) == []
     assert differences(saved, later, ["candidates", "distill"]) == []
     assert differences(saved, later, ["distill", "dmc"]) == ["dmc_cr: None -> '2'", "dmc_tokens: 4096 -> 8192"]
+
+
+def test_the_eval_stage_scores_the_dmc_variants_with_lm_eval(dmc_run: Path, tmp_path: Path) -> None:
+    """Resumed through eval: results.json has the teacher, the winner and its CR-2 retrofit (its own scores, from
+    the hard-decision DMC forward); speed.csv has no row for the retrofit."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(dmc_run, run_dir)
+    teacher = json.loads((run_dir / "config.json").read_text())["teacher"]
+    result = run_in_process("search", "--teacher", teacher, *TINY_SEARCH_ARGS, *FAST, "--run-dir", str(run_dir),
+                            "--dmc-cr", "2", "--resume", "--stop-after", "eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    winner = _rows(run_dir / "winners.csv")[0]["name"]
+    assert f"{winner}-cr2 (DMC): " in result.stdout
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    by_label = results["models"]
+    assert set(by_label) == {"teacher", winner, f"{winner}-cr2"}
+    variant = by_label[f"{winner}-cr2"]
+    assert variant["tasks"] and all(variant["tasks"].values())
+    assert {r["model"] for r in _rows(run_dir / "eval" / "speed.csv")} == {"teacher", winner}
+    marker = json.loads((run_dir / "stages" / "eval.json").read_text())
+    assert marker["models"] == ["teacher", winner, f"{winner}-cr2"]
