@@ -81,10 +81,11 @@ def main() -> None:
     stock_bytes = _stock_bytes(stock_cache)
     rows.append(("stock DynamicCache", 1.0, stock_bytes, stock_bytes, stock_bytes, *best))
     apply_dmc(model)
-    with torch.no_grad():
-        for m in dmc_modules(model) if not args.dmc_model else []:
-            rows_idx = torch.arange(m.head_dim - 1, m.k_proj.weight.shape[0], m.head_dim)
-            m.k_proj.weight[rows_idx] *= args.gain * 4
+    if not args.dmc_model:  # random weights: amplify the keys' decision channel so that some tokens merge
+        with torch.no_grad():
+            for m in dmc_modules(model):
+                rows_idx = torch.arange(m.head_dim - 1, m.k_proj.weight.shape[0], m.head_dim)
+                m.k_proj.weight[rows_idx] *= args.gain * 4
     learned = "DMC, learned decisions" if args.dmc_model else f"DMC, gain {args.gain:g}"
     for name, force in (("DMC, all append", True), (learned, False)):
         set_dmc_state(model, mode="dmc", channel_scale=0.0, force_append=force)

@@ -160,9 +160,10 @@ class DMCAttention(nn.Module):
         key_bias = F.pad(bias_next[..., 1:], (0, 1))  # key i gets log(1 - alpha_{i+1}); the last key none
         return b, key_bias, _straight_through(b)
 
-    def decision_rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def decision_rows(self, norms: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, indices along dim 0) that compute the decision channels q[-1] and k[-1] of every head: the
-        last row of each head's q/k projection (and bias), and the last element of Qwen3's per-head q/k norms."""
+        last row of each head's q/k projection (and bias), and (`norms`) the last element of Qwen3's per-head q/k
+        norms."""
         D = self.head_dim
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         for proj, norm in ((self.q_proj, self.q_norm), (self.k_proj, self.k_norm)):
@@ -170,7 +171,7 @@ class DMCAttention(nn.Module):
             out.append((proj.weight, rows))
             if isinstance(proj.bias, nn.Parameter):
                 out.append((proj.bias, rows))
-            weight = getattr(norm, "weight", None) if norm is not None else None
+            weight = getattr(norm, "weight", None) if norm is not None and norms else None
             if isinstance(weight, nn.Parameter):
                 out.append((weight, torch.tensor([weight.shape[0] - 1], device=weight.device)))
         return out
@@ -335,9 +336,9 @@ def set_dmc_state(model: nn.Module, *, mode: str | None = None, channel_scale: f
             m.relaxed = relaxed  # type: ignore[assignment]
 
 
-def decision_rows(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def decision_rows(model: nn.Module, norms: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's `DMCAttention.decision_rows`."""
-    return [row for m in dmc_modules(model) for row in m.decision_rows()]
+    return [row for m in dmc_modules(model) for row in m.decision_rows(norms)]
 
 
 def collect_decisions(model: nn.Module) -> torch.Tensor:

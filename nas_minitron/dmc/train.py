@@ -113,30 +113,26 @@ def _micro_step(student: PreTrainedModel, teacher: PreTrainedModel | None, batch
     return loss + config.penalty_weight * penalty, float(penalty.detach()), achieved_cr(decisions)
 
 
-class _ScaledRows:
-    """Multiplies the next optimizer update of the decision channels' rows by `scale` (snapshot, step, `apply`).
-
-    Scaling the update, not the gradient: Adam divides a gradient's scale away."""
-
-    def __init__(self, student: PreTrainedModel, scale: float) -> None:
-        self.scale = scale
-        self.rows = attention.decision_rows(student) if scale != 1.0 else []
-        self.before = [p.detach()[idx].clone() for p, idx in self.rows]
-
-    def apply(self) -> None:
-        with torch.no_grad():
-            for (param, idx), old in zip(self.rows, self.before, strict=True):
-                param[idx] = old + self.scale * (param[idx] - old)
+def _step_scaling_rows(optimizer: torch.optim.Optimizer, rows: list[tuple[torch.Tensor, torch.Tensor]],
+                       scale: float) -> None:
+    """`optimizer.step()` with the update of `rows` (parameter, indices) multiplied by `scale`: snapshot, step,
+    rescale. The update, not the gradient: Adam divides a gradient's scale away."""
+    if scale == 1.0 or not rows:
+        optimizer.step()
+        return
+    before = [param.detach()[idx].clone() for param, idx in rows]
+    optimizer.step()
+    with torch.no_grad():
+        for (param, idx), old in zip(rows, before, strict=True):
+            param[idx] = old + scale * (param[idx] - old)
 
 
 def _zero_decision_rows(student: PreTrainedModel) -> None:
     """Zero the q[-1] / k[-1] projection rows and biases (not Qwen3's norm weights: a zero there would stop the
     rows' gradient)."""
     with torch.no_grad():
-        for m in attention.dmc_modules(student):
-            for param, idx in m.decision_rows():
-                if param is not getattr(m.q_norm, "weight", None) and param is not getattr(m.k_norm, "weight", None):
-                    param[idx] = 0.0
+        for param, idx in attention.decision_rows(student, norms=False):
+            param[idx] = 0.0
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: RetrofitConfig) -> Any:
@@ -180,6 +176,7 @@ def retrofit(
         state = load_checkpoint(found, student, holder, optimizer, scheduler, config.fingerprint())
         step, curve = int(state["step"]), list(state["curve"])
     stop = total if stop_after_steps is None else min(total, step + stop_after_steps)
+    rows = attention.decision_rows(student) if config.decision_lr_scale != 1.0 else []
     student.train()
     while step < stop:
         point = config.point(step)
@@ -196,9 +193,7 @@ def retrofit(
         if not torch.isfinite(torch.tensor(loss_sum)):
             raise UserError(f"the DMC retrofit loss became {loss_sum} at step {step}; try a lower --lr or float32.")
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        scaled = _ScaledRows(student, config.decision_lr_scale if point.stage > 1 else 1.0)
-        optimizer.step()
-        scaled.apply()
+        _step_scaling_rows(optimizer, rows, config.decision_lr_scale if point.stage > 1 else 1.0)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

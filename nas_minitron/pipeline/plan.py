@@ -499,10 +499,9 @@ def _eval(c: _Ctx) -> StagePlan:
     else:
         ram += s.winners * 4 * st.params + peak
     variants = s.winners * len(dmc_ratios(s))  # the dmc stage's retrofits: lm-eval only, loaded one at a time
-    if variants and c.driver_device == "cuda":
-        ram, gpu = ram + 4 * st.params, gpu + 4 * st.params
-    elif variants:
+    if variants:  # on a GPU it also passes through CPU memory, as a winner does
         ram += 4 * st.params
+        gpu += 4 * st.params if c.driver_device == "cuda" else 0
     seconds = (per_model / t_rate + (s.winners + variants) * per_model / s_rate
                + 5.0 * (1 + s.winners))  # + speed, ~5 s a model (not the DMC variants)
     dmc_text = f" + {variants} DMC variant(s) (no speed)" if variants else ""
