@@ -187,3 +187,29 @@ def test_reset_decision_rows_zeroes_them_when_stage_2_begins() -> None:
             assert param[rows[id(param)]].abs().max() < 1e-9, name
         else:
             torch.testing.assert_close(param, start[name], rtol=0, atol=1e-9, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_bf16_retrofit_on_cuda_then_compressed_decoding_there(tmp_path: Path) -> None:
+    """The search's dmc stage on a GPU: fp32 weights, bf16 compute, scaled and reset decision rows, a checkpoint;
+    then greedy decoding with the compressed cache on CUDA equals the full hard-decision forward there."""
+    from nas_minitron.dmc.cache import DMCCache
+
+    student, teacher = _student_and_teacher()
+    student.to("cuda")
+    teacher.to("cuda")
+    train, val = _data()
+    config = RetrofitConfig(target_cr=2, num_tokens=20 * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, dtype="bf16",
+                            decision_lr_scale=10.0, reset_decision_rows=True)
+    result = retrofit(student, train, val, config, teacher=teacher, checkpoint_dir=tmp_path / "ckpt")
+    assert result.num_steps == 20 and (tmp_path / "ckpt" / "step-00000020").is_dir()
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in student.parameters())
+    assert result.metrics["achieved_cr"] >= 1.0 and torch.isfinite(torch.tensor(result.metrics["val_kl"]))
+    prompt = val[:2, :9].cuda()
+    generated = student.generate(prompt, cache=DMCCache(), max_new_tokens=12, do_sample=False, pad_token_id=3)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, student(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, seq)
